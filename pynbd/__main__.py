@@ -1,0 +1,5 @@
+import sys
+
+from pynbd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""``pynbd serve``: serve one disk over NBD, in the manner of qemu-nbd and nbdkit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.file import FileNode, check_raw_file
+from pynbd.nodes.memory import MemoryNode
+from pynbd.protocol.constants import DEFAULT_PORT
+from pynbd.protocol.negotiation import TLSMode
+from pynbd.server.export import Export, ExportRegistry
+from pynbd.server.nbd import NBDServer, ServerConfig
+from pynbd.sizes import parse_size
+from pynbd.tls import TLSConfigError, server_context
+
+log = logging.getLogger("pynbd.serve")
+
+DEFAULT_MEMORY_SIZE = "1G"
+SD_LISTEN_FDS_START = 3
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a disk over NBD", description=__doc__)
+    p.add_argument("file", nargs="?", metavar="FILE", help="raw image or block device (default: in-memory disk)")
+    p.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G)")
+    p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
+    where.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default: empty)")
+    p.add_argument("-D", "--description", default="", metavar="TEXT", help="export description")
+    p.add_argument(
+        "-e", "--shared", type=int, default=0, metavar="N", help="serve at most N clients at once (0: unlimited)"
+    )
+    p.add_argument("--once", action="store_true", help="exit after the first client disconnects")
+    p.add_argument("--tls", choices=[m.value for m in TLSMode], default=None, help="TLS mode (default: off)")
+    p.add_argument("--tls-creds", metavar="DIR", help="directory with ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-verify-peer", action="store_true", help="require client certificates")
+    p.add_argument("--pid-file", metavar="PATH", help="write the process id here once listening")
+    p.set_defaults(func=run)
+
+
+def open_node(args: argparse.Namespace) -> BlockNode:
+    if args.file and args.memory:
+        raise SystemExit("pynbd serve: give FILE or --memory, not both")
+    if args.file:
+        check_raw_file(args.file)
+        return FileNode(args.file, read_only=args.read_only, node_name="disk")
+    return MemoryNode(parse_size(args.memory or DEFAULT_MEMORY_SIZE), node_name="disk")
+
+
+def activation_socket() -> socket.socket | None:
+    """The listening socket systemd-style socket activation passed us (LISTEN_PID/LISTEN_FDS)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return socket.socket(fileno=SD_LISTEN_FDS_START)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(serve(args))
+    except (BlockError, TLSConfigError, OSError, ValueError) as exc:
+        print(f"pynbd serve: {exc}", file=sys.stderr)
+        return 1
+
+
+async def serve(args: argparse.Namespace) -> int:
+    tls_mode = TLSMode(args.tls) if args.tls else (TLSMode.REQUIRED if args.tls_creds else TLSMode.OFF)
+    tls_context = None
+    if tls_mode is not TLSMode.OFF:
+        if not args.tls_creds:
+            raise TLSConfigError("--tls needs --tls-creds DIR")
+        tls_context = server_context(args.tls_creds, verify_peer=args.tls_verify_peer)
+    node = open_node(args)
+    export = Export(args.export_name, node, description=args.description, read_only=args.read_only)
+    server = NBDServer(
+        ExportRegistry([export]),
+        ServerConfig(tls_mode=tls_mode, tls_context=tls_context, max_connections=args.shared),
+    )
+    activated = activation_socket()
+    if activated is not None:
+        server.listen_socket(activated)
+    elif args.socket:
+        server.listen_unix(args.socket)
+    else:
+        server.listen_tcp(args.bind or "127.0.0.1", args.port)
+    if args.pid_file:
+        with open(args.pid_file + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(args.pid_file + ".tmp", args.pid_file)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [asyncio.create_task(stop.wait())]
+    if args.once:
+        waiters.append(asyncio.create_task(server.client_gone.wait()))
+    log.info("serving %s (%d bytes) as export %r", node.describe(), node.size, export.name)
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for task in waiters:
+        task.cancel()
+    await server.shutdown()
+    await node.close()
+    if args.pid_file:
+        try:
+            os.unlink(args.pid_file)
+        except FileNotFoundError:
+            pass
+    return 0

@@ -1,0 +1,81 @@
+"""An NBD export: a block node seen through the protocol, with its meta contexts.
+
+The export decides what the client may do (flags, block sizes, contexts) and checks every
+request against that before it reaches the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pynbd.nodes.base import BlockNode, Extent
+from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
+from pynbd.protocol.negotiation import default_transmission_flags
+
+# Advertised block sizes: any alignment is accepted; 4 KiB preferred; 4 MiB maximum payload,
+# though up to MAX_PAYLOAD (32 MiB) is accepted from clients that ignore the advertisement.
+MIN_BLOCK = 1
+PREFERRED_BLOCK = 4096
+MAX_BLOCK = 4 * 1024 * 1024
+
+ContextSource = Callable[[int, int], Awaitable[list[Extent]]]
+
+
+@dataclass
+class Export:
+    name: str
+    node: BlockNode
+    description: str = ""
+    read_only: bool = False
+    multi_conn: bool = True
+    contexts: dict[str, ContextSource] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.read_only = self.read_only or self.node.read_only
+        self.contexts.setdefault(BASE_ALLOCATION, self.node.block_status)
+
+    @property
+    def size(self) -> int:
+        return self.node.size
+
+    @property
+    def block_size(self) -> tuple[int, int, int]:
+        return MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK
+
+    @property
+    def max_payload(self) -> int:
+        return MAX_PAYLOAD
+
+    def transmission_flags(self, structured: bool) -> int:
+        return default_transmission_flags(self.read_only, structured, self.multi_conn)
+
+    def context_names(self) -> list[str]:
+        # base:allocation first, then the others in the order they were added (as qemu lists them)
+        return [BASE_ALLOCATION, *(name for name in self.contexts if name != BASE_ALLOCATION)]
+
+
+class ExportRegistry:
+    """The exports one server offers, looked up by name during negotiation."""
+
+    def __init__(self, exports: list[Export] | None = None) -> None:
+        self._exports: dict[str, Export] = {}
+        for export in exports or []:
+            self.add(export)
+
+    def add(self, export: Export) -> None:
+        if export.name in self._exports:
+            raise ValueError(f"export {export.name!r} already exists")
+        self._exports[export.name] = export
+
+    def remove(self, name: str) -> Export:
+        return self._exports.pop(name)
+
+    def lookup(self, name: str) -> Export | None:
+        return self._exports.get(name)
+
+    def exports(self) -> list[Export]:
+        return list(self._exports.values())
+
+    def __iter__(self):
+        return iter(self._exports.values())

@@ -1,0 +1,499 @@
+"""The asyncio NBD server: sockets in, the sans-I/O core in the middle, block nodes out.
+
+One task per connection reads requests in order; each request then runs as its own task, so
+replies go out as soon as they are ready (out of order), serialised by a per-connection lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+
+from pynbd.channel import BufferedReader, Channel, ConnectionClosed, SocketChannel, TLSChannel
+from pynbd.nodes.base import BlockError, NotFast
+from pynbd.protocol.constants import (
+    ALLOWED_CMD_FLAGS,
+    MAX_OPTION_LENGTH,
+    Cmd,
+    CmdFlag,
+    Errno,
+    State,
+)
+from pynbd.protocol.negotiation import Action, ServerNegotiation, Session, TLSMode
+from pynbd.protocol.wire import (
+    CLIENT_FLAGS,
+    OPTION_HEADER,
+    REQUEST,
+    ProtocolError,
+    decode_option_header,
+    decode_request,
+    encode_block_status_chunk,
+    encode_error_chunk,
+    encode_none_chunk,
+    encode_offset_data_header,
+    encode_offset_hole,
+    encode_simple_reply,
+)
+from pynbd.server.export import Export, ExportRegistry
+
+log = logging.getLogger("pynbd.server")
+
+MAX_IN_FLIGHT = 64  # requests of one connection being served at once (bounds memory)
+MAX_EXTENTS = 128 * 1024  # descriptors per block-status chunk, as qemu caps it
+HANDSHAKE_TIMEOUT = 60.0
+
+# Host errno -> NBD error, as qemu maps them (anything else becomes EINVAL... or EIO for I/O)
+_ERRNO_MAP = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EACCES: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.EINVAL: Errno.EINVAL,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.EOVERFLOW: Errno.EOVERFLOW,
+    errno.ENOTSUP: Errno.ENOTSUP,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(err: int | None) -> int:
+    return _ERRNO_MAP.get(err or errno.EIO, Errno.EINVAL)
+
+
+class RequestError(Exception):
+    """A request the export refuses; answered with ``error`` and ``message``."""
+
+    def __init__(self, error: Errno, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+@dataclass
+class ServerConfig:
+    tls_mode: TLSMode = TLSMode.OFF
+    tls_context: ssl.SSLContext | None = None
+    max_connections: int = 0  # 0: unlimited
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+class NBDServer:
+    """Serves the exports of a registry on any number of listening sockets."""
+
+    def __init__(self, registry: ExportRegistry, config: ServerConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or ServerConfig()
+        self.connections: set[ServerConnection] = set()
+        self._listeners: list[asyncio.Task] = []
+        self._sockets: list[socket.socket] = []
+        self._slots = asyncio.Semaphore(self.config.max_connections) if self.config.max_connections else None
+        self.client_gone = asyncio.Event()  # set whenever a client's connection ends (for --once)
+        self.closing = False
+
+    # -- listening ------------------------------------------------------------------------------
+
+    def listen_unix(self, path: str) -> socket.socket:
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        return self.listen_socket(sock)
+
+    def listen_tcp(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        return self.listen_socket(sock)
+
+    def listen_socket(self, sock: socket.socket) -> socket.socket:
+        """Serve on a socket that is bound (or already listening, as with socket activation)."""
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self._listeners.append(asyncio.create_task(self._accept_loop(sock)))
+        return sock
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if self.closing:
+                    return
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: back off instead of spinning
+                continue
+            connection = ServerConnection(self, SocketChannel(conn))
+            self.connections.add(connection)
+            connection.task = asyncio.create_task(self._run_connection(connection))
+
+    async def _run_connection(self, connection: ServerConnection) -> None:
+        try:
+            if self._slots is not None:
+                async with self._slots:  # like qemu-nbd --shared: later clients wait their turn
+                    await connection.run()
+            else:
+                await connection.run()
+        finally:
+            self.connections.discard(connection)
+            self.client_gone.set()
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def stop_listening(self) -> None:
+        self.closing = True
+        for task in self._listeners:
+            task.cancel()
+        await asyncio.gather(*self._listeners, return_exceptions=True)
+        for sock in self._sockets:
+            if sock.family == socket.AF_UNIX:
+                try:
+                    path = sock.getsockname()
+                    if path and os.path.exists(path):
+                        os.unlink(path)
+                except OSError:
+                    pass
+            sock.close()
+        self._listeners.clear()
+        self._sockets.clear()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close every connection."""
+        await self.stop_listening()
+        await asyncio.gather(*(c.stop() for c in list(self.connections)), return_exceptions=True)
+
+    async def close_export(self, export: Export) -> None:
+        """Disconnect the clients of one export (after in-flight requests finish)."""
+        await asyncio.gather(*(c.stop() for c in list(self.connections) if c.export is export), return_exceptions=True)
+
+
+class ServerConnection:
+    """One client, from greeting to disconnect."""
+
+    def __init__(self, server: NBDServer, channel: SocketChannel) -> None:
+        self.server = server
+        self.channel: Channel = channel
+        self.reader = BufferedReader(channel)
+        self.session: Session | None = None
+        self.export: Export | None = None
+        self.task: asyncio.Task | None = None
+        self._reply_lock = asyncio.Lock()
+        self._in_flight: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._stopping = False
+        self._reading: asyncio.Task | None = None
+        try:
+            self.peer = str(channel.sock.getpeername() or "unix")
+        except OSError:
+            self.peer = "?"
+
+    async def run(self) -> None:
+        try:
+            try:
+                await asyncio.wait_for(self._negotiate(), self.server.config.handshake_timeout)
+            except TimeoutError:
+                log.warning("%s: negotiation timed out", self.peer)
+                return
+            if self.session is not None:
+                await self._transmission()
+        except ConnectionClosed:
+            log.debug("%s: client disconnected", self.peer)
+        except ProtocolError as exc:
+            log.warning("%s: protocol error, closing: %s", self.peer, exc)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.warning("%s: connection error: %s", self.peer, exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await self._finish()
+
+    async def stop(self) -> None:
+        """Graceful stop: no new requests; in-flight ones complete and are answered."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+        elif self.session is None and self.task is not None:
+            self.task.cancel()  # still negotiating: nothing to finish
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _finish(self) -> None:
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        self.channel.close()
+
+    # -- negotiation ----------------------------------------------------------------------------
+
+    async def _negotiate(self) -> None:
+        config = self.server.config
+        negotiation = ServerNegotiation(self.server.registry, config.tls_mode)
+        negotiation.shutting_down = self.server.closing
+        await self.channel.send([negotiation.greeting()])
+        (flags,) = CLIENT_FLAGS.unpack(await self.reader.readexactly(CLIENT_FLAGS.size))
+        negotiation.receive_client_flags(flags)
+        while True:
+            option, length = decode_option_header(await self.reader.readexactly(OPTION_HEADER.size))
+            if length > MAX_OPTION_LENGTH:
+                raise ProtocolError(f"option {option} payload of {length} bytes is over the limit")
+            payload = await self.reader.readexactly(length) if length else b""
+            outcome = negotiation.handle_option(option, payload)
+            log.debug("%s: option %d -> %s", self.peer, option, outcome.action.value)
+            if outcome.replies:
+                await self.channel.send(outcome.replies)
+            if outcome.action is Action.CLOSE:
+                log.info("%s: closing during negotiation: %s", self.peer, outcome.reason)
+                return
+            if outcome.action is Action.STARTTLS:
+                await self._start_tls()
+                negotiation.tls_established()
+            elif outcome.action is Action.TRANSMISSION:
+                self.session = negotiation.session
+                self.export = self.session.export  # type: ignore[assignment]
+                log.info("%s: serving export %r", self.peer, self.export.name)
+                return
+
+    async def _start_tls(self) -> None:
+        context = self.server.config.tls_context
+        assert context is not None and isinstance(self.channel, SocketChannel)
+        tls = TLSChannel(self.channel, context, server_side=True, already_received=self.reader.take_buffered())
+        await tls.handshake()
+        self.channel = tls
+        self.reader = BufferedReader(tls)
+
+    # -- transmission ---------------------------------------------------------------------------
+
+    async def _transmission(self) -> None:
+        header = memoryview(bytearray(REQUEST.size))
+        while not self._stopping:
+            self._reading = asyncio.current_task()
+            try:
+                await self.reader.readinto(header)
+                request = decode_request(header)
+                payload = None
+                if request.type == Cmd.WRITE:
+                    payload = await self._receive_payload(request)
+            except asyncio.CancelledError:
+                if self._stopping:
+                    return
+                raise
+            finally:
+                self._reading = None
+            if request.type == Cmd.DISC:
+                log.debug("%s: client sent NBD_CMD_DISC", self.peer)
+                return
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(request, payload))
+            self._in_flight.add(task)
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+
+    async def _receive_payload(self, request) -> bytearray | RequestError:
+        """Read a WRITE payload; one we refuse is consumed anyway so the stream stays in sync."""
+        if request.length > self.export.max_payload:
+            await self.reader.skip(request.length)
+            return RequestError(Errno.EINVAL, f"write of {request.length} bytes is over the 32 MiB limit")
+        payload = bytearray(request.length)
+        await self.reader.readinto(memoryview(payload))
+        return payload
+
+    async def _handle(self, request, payload) -> None:
+        cookie = request.cookie
+        try:
+            if isinstance(payload, RequestError):
+                raise payload
+            await self._dispatch(request, payload)
+        except RequestError as exc:
+            level = logging.DEBUG if exc.error == Errno.ENOTSUP else logging.WARNING
+            log.log(level, "%s: request %s refused: %s", self.peer, _describe(request), exc)
+            await self._send_error(cookie, exc.error, str(exc))
+        except BlockError as exc:
+            log.warning("%s: request %s failed: %s", self.peer, _describe(request), exc)
+            await self._send_error(cookie, nbd_errno(exc.errno), str(exc))
+        except OSError as exc:
+            log.warning("%s: request %s failed: %s", self.peer, _describe(request), exc)
+            await self._send_error(cookie, nbd_errno(exc.errno), exc.strerror or str(exc))
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the connection is going away; nothing to answer
+        except Exception as exc:  # a bug must cost one request, not the server
+            log.exception("%s: request %s crashed", self.peer, _describe(request))
+            try:
+                await self._send_error(cookie, Errno.EIO, f"internal error: {exc.__class__.__name__}")
+            except ConnectionError:
+                pass
+
+    async def _send(self, buffers) -> None:
+        async with self._reply_lock:
+            await self.channel.send(buffers)
+
+    async def _send_ok(self, cookie: int) -> None:
+        await self._send([encode_simple_reply(0, cookie)])
+
+    async def _send_error(self, cookie: int, error: int, message: str) -> None:
+        if self.session.structured:
+            await self._send([encode_error_chunk(cookie, error, message[:200])])
+        else:
+            await self._send([encode_simple_reply(error, cookie)])
+
+    def _check_request(self, request) -> None:
+        export = self.export
+        cmd, flags = request.type, request.flags
+        allowed = ALLOWED_CMD_FLAGS.get(cmd)
+        if allowed is None:
+            raise RequestError(Errno.EINVAL, f"unknown command {cmd}")
+        if flags & ~allowed:
+            raise RequestError(Errno.EINVAL, f"flags {flags:#x} not valid for command {Cmd(cmd).name}")
+        if flags & CmdFlag.DF and not self.session.structured:
+            raise RequestError(Errno.EINVAL, "DF requires structured replies")
+        if cmd in (Cmd.FLUSH,):
+            if request.offset or request.length:
+                raise RequestError(Errno.EINVAL, "flush takes no offset or length")
+            return
+        writes = cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
+        if writes and export.read_only:
+            raise RequestError(Errno.EPERM, "export is read-only")
+        end = request.offset + request.length
+        if end > export.size:
+            error = Errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+            raise RequestError(
+                error, f"request [{request.offset}, {end}) is past the end of the export ({export.size})"
+            )
+        if cmd in (Cmd.READ, Cmd.CACHE) and request.length > export.max_payload:
+            raise RequestError(Errno.EINVAL, f"request of {request.length} bytes is over the 32 MiB limit")
+        if cmd == Cmd.BLOCK_STATUS:
+            if not self.session.contexts:
+                raise RequestError(Errno.EINVAL, "no meta context was negotiated")
+            if request.length == 0:
+                raise RequestError(Errno.EINVAL, "block status of zero length")
+
+    async def _dispatch(self, request, payload) -> None:
+        self._check_request(request)
+        node = self.export.node
+        cmd, flags, cookie = request.type, request.flags, request.cookie
+        fua = bool(flags & CmdFlag.FUA)
+        if cmd == Cmd.READ:
+            if fua:
+                await node.flush()
+            await self._read(request)
+            return
+        if cmd == Cmd.WRITE:
+            await node.write(request.offset, payload, fua=fua)
+        elif cmd == Cmd.WRITE_ZEROES:
+            try:
+                await node.write_zeroes(
+                    request.offset,
+                    request.length,
+                    may_trim=not flags & CmdFlag.NO_HOLE,
+                    fua=fua,
+                    fast=bool(flags & CmdFlag.FAST_ZERO),
+                )
+            except NotFast as exc:
+                raise RequestError(Errno.ENOTSUP, str(exc)) from None
+        elif cmd == Cmd.TRIM:
+            await node.discard(request.offset, request.length)
+            if fua:
+                await node.flush()
+        elif cmd == Cmd.FLUSH:
+            await node.flush()
+        elif cmd == Cmd.CACHE:
+            await node.cache(request.offset, request.length)
+        elif cmd == Cmd.BLOCK_STATUS:
+            await self._block_status(request)
+            return
+        await self._send_ok(cookie)
+
+    async def _read(self, request) -> None:
+        node, cookie, offset, length = self.export.node, request.cookie, request.offset, request.length
+        if not self.session.structured:
+            buf = bytearray(length)
+            await node.read_into(offset, memoryview(buf))
+            await self._send([encode_simple_reply(0, cookie), buf])
+            return
+        if length == 0:
+            await self._send([encode_none_chunk(cookie)])
+            return
+        if request.flags & CmdFlag.DF:
+            extents = [(length, 0)]
+        else:
+            extents = await node.block_status(offset, length)
+        # Read every data extent before sending anything, so an I/O error becomes a clean
+        # error reply instead of a half-sent one; sendfile ranges are sent while locked.
+        pieces: list[tuple[int, int, bytearray | None]] = []
+        pos = offset
+        use_sendfile = node.can_sendfile and self.channel.supports_sendfile
+        for ext_len, state in extents:
+            if state & State.ZERO and not request.flags & CmdFlag.DF:
+                pieces.append((pos, ext_len, None))
+            elif use_sendfile:
+                pieces.append((pos, ext_len, bytearray()))  # marker: sendfile at send time
+            else:
+                buf = bytearray(ext_len)
+                await node.read_into(pos, memoryview(buf))
+                pieces.append((pos, ext_len, buf))
+            pos += ext_len
+        async with self._reply_lock:
+            last = len(pieces) - 1
+            for i, (pos, ext_len, buf) in enumerate(pieces):
+                if buf is None:
+                    await self.channel.send([encode_offset_hole(cookie, pos, ext_len, i == last)])
+                elif len(buf) == ext_len:
+                    await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, i == last), buf])
+                else:
+                    source = node.sendfile_source(pos, ext_len)
+                    await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, i == last)])
+                    try:
+                        await self.channel.sendfile(source[0], source[1], ext_len)
+                    except (EOFError, OSError) as exc:
+                        # Part of a chunk is already on the wire: the stream cannot be repaired.
+                        log.error("%s: sendfile failed mid-reply, disconnecting: %s", self.peer, exc)
+                        self.channel.close()
+                        raise ConnectionClosed(str(exc)) from exc
+
+    async def _block_status(self, request) -> None:
+        offset, length = request.offset, request.length
+        req_one = bool(request.flags & CmdFlag.REQ_ONE)
+        answers: list[tuple[int, list[tuple[int, int]]]] = []
+        for context_id, name in self.session.contexts.items():
+            extents = await self.export.contexts[name](offset, length)
+            if req_one:
+                extents = extents[:1]
+            answers.append((context_id, extents))
+        # Too many descriptors: cut every context at the same offset so that all cover one range.
+        if any(len(extents) > MAX_EXTENTS for _, extents in answers):
+            cut = min(sum(ln for ln, _ in extents[:MAX_EXTENTS]) for _, extents in answers)
+            answers = [(cid, _clip(extents, cut)) for cid, extents in answers]
+        last = len(answers) - 1
+        chunks = [
+            encode_block_status_chunk(request.cookie, cid, extents, i == last)
+            for i, (cid, extents) in enumerate(answers)
+        ]
+        await self._send(chunks)
+
+
+def _clip(extents: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
+    out = []
+    for length, state in extents:
+        if total <= 0:
+            break
+        out.append((min(length, total), state))
+        total -= length
+    return out
+
+
+def _describe(request) -> str:
+    try:
+        name = Cmd(request.type).name
+    except ValueError:
+        name = f"#{request.type}"
+    return f"{name}(offset={request.offset}, length={request.length}, flags={request.flags:#x})"

@@ -1,0 +1,64 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.peers import nbdkit_server, pynbd_server, qemu_nbd_server
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A short directory path: Unix socket paths must stay under 108 bytes."""
+    short = Path("/tmp") / f"pynbd-{os.getpid()}-{random.randrange(1 << 30):x}"
+    short.mkdir()
+    yield short
+    for child in short.iterdir():
+        if child.is_file() or child.is_socket():
+            child.unlink()
+    try:
+        short.rmdir()
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def start_pynbd(workdir):
+    servers = []
+
+    def start(*args, **kwargs):
+        server = pynbd_server(workdir, *args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_qemu_nbd(workdir):
+    servers = []
+
+    def start(*args, **kwargs):
+        server = qemu_nbd_server(workdir, *args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def start_nbdkit(workdir):
+    servers = []
+
+    def start(*args, **kwargs):
+        server = nbdkit_server(workdir, *args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
