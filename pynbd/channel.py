@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 Buffer = bytes | bytearray | memoryview
 READ_CHUNK = 256 * 1024
+UNIX_SNDBUF = 4 * 1024 * 1024
 
 
 class ConnectionClosed(ConnectionError):
@@ -31,6 +32,10 @@ class SocketChannel:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock.family == socket.AF_UNIX:
+            # Unix sockets have no autotuning; a larger send buffer means fewer wake-ups per
+            # multi-MiB read reply (TCP buffers are left to the kernel's autotuning).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.closed = False

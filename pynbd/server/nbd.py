@@ -14,6 +14,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from pynbd.buffers import BufferPool
 from pynbd.channel import BufferedReader, Channel, ConnectionClosed, SocketChannel, TLSChannel
 from pynbd.nodes.base import BlockError, NotFast
 from pynbd.protocol.constants import (
@@ -189,6 +190,7 @@ class ServerConnection:
         self._reply_lock = asyncio.Lock()
         self._in_flight: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._buffers = BufferPool()
         self._stopping = False
         self._reading: asyncio.Task | None = None
         try:
@@ -304,7 +306,7 @@ class ServerConnection:
         if request.length > self.export.max_payload:
             await self.reader.skip(request.length)
             return RequestError(Errno.EINVAL, f"write of {request.length} bytes is over the 32 MiB limit")
-        payload = bytearray(request.length)
+        payload = self._buffers.get(request.length)
         await self.reader.readinto(memoryview(payload))
         return payload
 
@@ -332,6 +334,9 @@ class ServerConnection:
                 await self._send_error(cookie, Errno.EIO, f"internal error: {exc.__class__.__name__}")
             except ConnectionError:
                 pass
+        finally:
+            if isinstance(payload, bytearray):
+                self._buffers.put(payload)
 
     async def _send(self, buffers) -> None:
         async with self._reply_lock:
@@ -416,9 +421,12 @@ class ServerConnection:
     async def _read(self, request) -> None:
         node, cookie, offset, length = self.export.node, request.cookie, request.offset, request.length
         if not self.session.structured:
-            buf = bytearray(length)
-            await node.read_into(offset, memoryview(buf))
-            await self._send([encode_simple_reply(0, cookie), buf])
+            buf = self._buffers.get(length)
+            try:
+                await node.read_into(offset, memoryview(buf))
+                await self._send([encode_simple_reply(0, cookie), buf])
+            finally:
+                self._buffers.put(buf)
             return
         if length == 0:
             await self._send([encode_none_chunk(cookie)])
@@ -428,37 +436,46 @@ class ServerConnection:
         else:
             extents = await node.block_status(offset, length)
         # Read every data extent before sending anything, so an I/O error becomes a clean
-        # error reply instead of a half-sent one; sendfile ranges are sent while locked.
-        pieces: list[tuple[int, int, bytearray | None]] = []
-        pos = offset
+        # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
+        df = bool(request.flags & CmdFlag.DF)
         use_sendfile = node.can_sendfile and self.channel.supports_sendfile
-        for ext_len, state in extents:
-            if state & State.ZERO and not request.flags & CmdFlag.DF:
-                pieces.append((pos, ext_len, None))
-            elif use_sendfile:
-                pieces.append((pos, ext_len, bytearray()))  # marker: sendfile at send time
-            else:
-                buf = bytearray(ext_len)
-                await node.read_into(pos, memoryview(buf))
-                pieces.append((pos, ext_len, buf))
-            pos += ext_len
-        async with self._reply_lock:
-            last = len(pieces) - 1
-            for i, (pos, ext_len, buf) in enumerate(pieces):
-                if buf is None:
-                    await self.channel.send([encode_offset_hole(cookie, pos, ext_len, i == last)])
-                elif len(buf) == ext_len:
-                    await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, i == last), buf])
+        pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
+        pos = offset
+        try:
+            for ext_len, state in extents:
+                buf = None
+                if df or not state & State.ZERO:
+                    if not use_sendfile:
+                        buf = self._buffers.get(ext_len)
+                        await node.read_into(pos, memoryview(buf))
+                    pieces.append((pos, ext_len, buf if buf is not None else _SENDFILE))
                 else:
-                    source = node.sendfile_source(pos, ext_len)
-                    await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, i == last)])
-                    try:
-                        await self.channel.sendfile(source[0], source[1], ext_len)
-                    except (EOFError, OSError) as exc:
-                        # Part of a chunk is already on the wire: the stream cannot be repaired.
-                        log.error("%s: sendfile failed mid-reply, disconnecting: %s", self.peer, exc)
-                        self.channel.close()
-                        raise ConnectionClosed(str(exc)) from exc
+                    pieces.append((pos, ext_len, None))
+                pos += ext_len
+            async with self._reply_lock:
+                for i, (pos, ext_len, buf) in enumerate(pieces):
+                    done = i == len(pieces) - 1
+                    if buf is None:
+                        await self.channel.send([encode_offset_hole(cookie, pos, ext_len, done)])
+                    elif buf is _SENDFILE:
+                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done)])
+                        await self._sendfile(node, pos, ext_len)
+                    else:
+                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), buf])
+        finally:
+            for _, _, buf in pieces:
+                if buf is not None and buf is not _SENDFILE:
+                    self._buffers.put(buf)
+
+    async def _sendfile(self, node, offset: int, length: int) -> None:
+        fd, file_offset = node.sendfile_source(offset, length)
+        try:
+            await self.channel.sendfile(fd, file_offset, length)
+        except (EOFError, OSError) as exc:
+            # Part of a chunk is already on the wire: the stream cannot be repaired.
+            log.error("%s: sendfile failed mid-reply, disconnecting: %s", self.peer, exc)
+            self.channel.close()
+            raise ConnectionClosed(str(exc)) from exc
 
     async def _block_status(self, request) -> None:
         offset, length = request.offset, request.length
@@ -479,6 +496,9 @@ class ServerConnection:
             for i, (cid, extents) in enumerate(answers)
         ]
         await self._send(chunks)
+
+
+_SENDFILE = bytearray()  # marks a piece that is sent with sendfile rather than from a buffer
 
 
 def _clip(extents: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
