@@ -73,6 +73,13 @@ class BlockNode(ABC):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation extents covering exactly ``[offset, offset+length)``, merged."""
 
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        """qemu:allocation-depth extents: 0 unallocated anywhere, 1 this node, 2 its backing, ...
+
+        A node without a backing chain owns all its bytes (qemu reports raw files as depth 1 whole).
+        """
+        return [(length, 1)]
+
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch hint; nodes without a cache ignore it."""
         return None

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from pynbd.bitmap import DirtyBitmap
 from pynbd.nodes.base import BlockNode, Extent
-from pynbd.protocol.constants import BASE_ALLOCATION, MAX_PAYLOAD
+from pynbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD, STATE_DIRTY
 from pynbd.protocol.negotiation import default_transmission_flags
 
 # Advertised block sizes: any alignment is accepted; 4 KiB preferred; 4 MiB maximum payload,
@@ -38,6 +39,18 @@ class Export:
     @property
     def size(self) -> int:
         return self.node.size
+
+    def add_allocation_depth(self) -> None:
+        """Offer ``qemu:allocation-depth`` (qemu-nbd -A)."""
+        self.contexts[ALLOCATION_DEPTH] = self.node.allocation_depth
+
+    def add_bitmap(self, name: str, bitmap: DirtyBitmap) -> None:
+        """Offer ``qemu:dirty-bitmap:NAME`` (qemu-nbd -B NAME): 1 for dirty clusters, 0 for clean."""
+
+        async def extents(offset: int, length: int) -> list[Extent]:
+            return [(run, STATE_DIRTY if dirty else 0) for run, dirty in bitmap.extents(offset, length)]
+
+        self.contexts[DIRTY_BITMAP_PREFIX + name] = extents
 
     @property
     def block_size(self) -> tuple[int, int, int]:
