@@ -9,8 +9,14 @@ from __future__ import annotations
 import errno
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
+    from pynbd.graph.transaction import Transaction
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
 
@@ -40,6 +46,39 @@ class BlockNode(ABC):
 
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name
+        # Graph state, edited only by pynbd.graph.core.BlockGraph: links to children by name,
+        # links from parents, and the cumulative permissions the parents hold and share.
+        self.children: dict[str, ChildLink] = {}
+        self.parents: list[ChildLink] = []
+        self.perm = Perm(0)
+        self.shared = Perm.all()
+
+    def child_node(self, name: str) -> BlockNode | None:
+        link = self.children.get(name)
+        return link.node if link is not None else None
+
+    def child_role(self, name: str) -> Role:
+        """The role of this node's child called ``name``: image storage for ``file``, COW for
+        ``backing``, plain data otherwise. Drivers that filter say so by overriding this."""
+        if name == "file":
+            return Role.image()
+        if name == "backing":
+            return Role.COW
+        return Role.DATA
+
+    def child_perm(self, link: ChildLink, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """What this node takes from and shares on a child, given its parents' ``perm``/``shared``.
+
+        The default is QEMU's rule for the link's role; filters with special needs override it.
+        """
+        return default_child_perm(link.role, perm, shared, writable=not self.read_only)
+
+    def set_perm(self, tran: Transaction, perm: Perm, shared: Perm) -> None:
+        """The graph settled new cumulative permissions on this node (file nodes lock here).
+
+        Register an undo in ``tran`` for anything done; raise BlockError to refuse.
+        """
+        return None
 
     @property
     @abstractmethod

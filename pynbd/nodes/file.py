@@ -15,6 +15,8 @@ import errno
 import os
 import stat
 
+from pynbd.graph import locks
+from pynbd.graph.perms import Perm
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -37,7 +39,7 @@ class FileNode(BlockNode):
     driver = "file"
     can_sendfile = True
 
-    def __init__(self, filename: str, read_only: bool = False, node_name: str = "") -> None:
+    def __init__(self, filename: str, read_only: bool = False, node_name: str = "", locking: bool = True) -> None:
         super().__init__(node_name)
         self.filename = filename
         self.read_only = read_only
@@ -47,6 +49,8 @@ class FileNode(BlockNode):
         self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
         self._can_punch = not self.is_block_device
         self._can_zero_range = not self.is_block_device
+        self.locking = locking
+        self._locked = (Perm(0), Perm.all())
 
     @property
     def size(self) -> int:
@@ -154,6 +158,23 @@ class FileNode(BlockNode):
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
         return self.fd, offset
+
+    def set_perm(self, tran, perm, shared) -> None:
+        """Take qemu-compatible OFD locks for what the graph now holds and unshares."""
+        if not self.locking:
+            return
+        old = self._locked
+        try:
+            locks.transition(self.fd, old, (perm, shared))
+        except OSError as exc:
+            raise BlockError(exc.errno or errno.EAGAIN, f"{self.filename}: {exc.strerror or exc}") from None
+        self._locked = (perm, shared)
+
+        def undo() -> None:
+            locks.apply(self.fd, *old, strict=False)
+            self._locked = old
+
+        tran.add(abort=undo, commit=lambda: locks.apply(self.fd, perm, shared, strict=False))
 
     async def close(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,404 @@
+"""The block graph: nodes, child links, permissions, freezing.
+
+Every structural change (attach, detach, re-point) goes through :class:`BlockGraph`, which then
+recomputes the permissions of every affected node in one :class:`Transaction`: either all of it
+applies, or the graph is left exactly as it was and the error names the conflicting users.
+Drivers never edit links; they only say what they take from a child (``BlockNode.child_perm``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+from pynbd.graph.perms import ALL, NONE, Perm, Role
+from pynbd.graph.transaction import Transaction
+from pynbd.nodes.base import BlockNode
+
+log = logging.getLogger("pynbd.graph")
+
+
+class GraphError(Exception):
+    """A graph change was refused; the graph is unchanged."""
+
+
+class PermissionConflict(GraphError):
+    pass
+
+
+class FrozenLinkError(GraphError):
+    pass
+
+
+class GraphUser:
+    """A root user of the graph: an export, a job, or a test. Not a node, but holds links like one."""
+
+    def __init__(self, name: str, kind: str = "block-backend", description: str = "") -> None:
+        self.name = name
+        self.kind = kind  # as x-debug-query-block-graph names it: block-backend, block-job
+        self.description = description or f"{kind} {name!r}"
+        self.links: list[ChildLink] = []
+
+    def __repr__(self) -> str:
+        return f"GraphUser({self.name!r})"
+
+
+class ChildLink:
+    """An edge from a parent (node or root user) to a child node."""
+
+    def __init__(
+        self, parent: BlockNode | GraphUser, name: str, node: BlockNode, role: Role, perm: Perm, shared: Perm
+    ) -> None:
+        self.parent = parent
+        self.name = name
+        self.node = node
+        self.role = role
+        self.perm = perm
+        self.shared = shared
+        self.freeze_count = 0
+
+    @property
+    def is_root(self) -> bool:
+        return isinstance(self.parent, GraphUser)
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze_count > 0
+
+    def freeze(self) -> None:
+        """Forbid removing or re-pointing this link until as many :meth:`unfreeze` calls."""
+        self.freeze_count += 1
+
+    def unfreeze(self) -> None:
+        if self.freeze_count <= 0:
+            raise GraphError(f"link {self.describe()} is not frozen")
+        self.freeze_count -= 1
+
+    def describe(self) -> str:
+        if self.is_root:
+            return f"{self.parent.description} (using node {self.node.node_name!r})"
+        return f"node {self.parent.node_name!r} (its {self.name!r} child {self.node.node_name!r})"
+
+    def __repr__(self) -> str:
+        return f"ChildLink({self.describe()})"
+
+
+def parent_nodes(node: BlockNode) -> Iterator[BlockNode]:
+    for link in node.parents:
+        if not link.is_root:
+            yield link.parent
+
+
+def descendants(node: BlockNode) -> Iterator[BlockNode]:
+    """The node and everything below it, each once."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(link.node for link in current.children.values())
+
+
+def filtered_or_cow_child(node: BlockNode) -> ChildLink | None:
+    """One step down "the backing chain": through a filter's child or a COW (backing) link."""
+    for link in node.children.values():
+        if link.role & (Role.FILTERED | Role.COW):
+            return link
+    return None
+
+
+def chain_links(top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
+    """The filter/COW links from ``top`` down to ``base`` (exclusive of base's own links)."""
+    links = []
+    node = top
+    while node is not base:
+        link = filtered_or_cow_child(node)
+        if link is None:
+            if base is None:
+                break
+            raise GraphError(f"node {base.node_name!r} is not in the backing chain of {top.node_name!r}")
+        links.append(link)
+        node = link.node
+    return links
+
+
+class BlockGraph:
+    def __init__(self) -> None:
+        self.nodes: dict[str, BlockNode] = {}
+        self._auto = 0
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def auto_name(self) -> str:
+        """A node-name for implicitly created nodes, in qemu's style (#blockNNN)."""
+        self._auto += 1
+        return f"#block{self._auto:03d}"
+
+    def add_node(self, node: BlockNode) -> BlockNode:
+        if not node.node_name:
+            node.node_name = self.auto_name()
+        if node.node_name in self.nodes:
+            raise GraphError(f"Duplicate nodes with node-name='{node.node_name}'")
+        self.nodes[node.node_name] = node
+        return node
+
+    def lookup(self, name: str) -> BlockNode:
+        node = self.nodes.get(name)
+        if node is None:
+            raise GraphError(f"Cannot find node {name}")
+        return node
+
+    def remove_node(self, node: BlockNode) -> None:
+        """Take a node out of the graph (it must have no parents); its child links go with it.
+
+        Children left without parents that were created implicitly stay in the graph: as in qemu,
+        removal is explicit per node-name.
+        """
+        if node.parents:
+            users = ", ".join(link.describe() for link in node.parents)
+            raise GraphError(f"Node '{node.node_name}' is busy: in use by {users}")
+        frozen = [link for link in node.children.values() if link.frozen]
+        if frozen:
+            raise FrozenLinkError(f"Cannot remove node '{node.node_name}': link {frozen[0].describe()} is frozen")
+        with Transaction() as tran:
+            for link in list(node.children.values()):
+                self._unlink(tran, link)
+            self.refresh_perms(tran, [link.node for link in node.children.values()])
+        del self.nodes[node.node_name]
+
+    # -- links ----------------------------------------------------------------------------------
+
+    def attach_child(self, parent: BlockNode, name: str, child: BlockNode, role: Role | None = None) -> ChildLink:
+        """Give ``parent`` a child link; the role defaults to what the driver says
+        (``parent.child_role``) and the permissions come from ``parent.child_perm``."""
+        role = parent.child_role(name) if role is None else role
+        if name in parent.children:
+            raise GraphError(f"node {parent.node_name!r} already has a {name!r} child")
+        if any(n is parent for n in descendants(child)):
+            raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
+        link = ChildLink(parent, name, child, role, NONE, ALL)
+        with Transaction() as tran:
+            self._link(tran, link)
+            self.refresh_perms(tran, [parent])
+        return link
+
+    def attach_user(self, user: GraphUser, child: BlockNode, perm: Perm, shared: Perm) -> ChildLink:
+        """A root user (export, job) starts using ``child`` with the given permissions."""
+        link = ChildLink(user, user.name, child, Role(0), perm, shared)
+        with Transaction() as tran:
+            self._link(tran, link)
+            self.refresh_perms(tran, [child])
+        return link
+
+    def detach(self, link: ChildLink) -> None:
+        if link.frozen:
+            raise FrozenLinkError(f"Cannot remove frozen link {link.describe()}")
+        with Transaction() as tran:
+            self._unlink(tran, link)
+            self.refresh_perms(tran, [link.node])
+
+    def set_user_perm(self, link: ChildLink, perm: Perm, shared: Perm) -> None:
+        """Change what a root user takes and shares (e.g. an export becoming writable)."""
+        old = link.perm, link.shared
+        with Transaction() as tran:
+            link.perm, link.shared = perm, shared
+            tran.add(abort=lambda: _set(link, *old))
+            self.refresh_perms(tran, [link.node])
+
+    def replace_child(self, link: ChildLink, new_child: BlockNode, tran: Transaction | None = None) -> None:
+        """Re-point one link at another node."""
+        if link.frozen:
+            raise FrozenLinkError(
+                f"Cannot change frozen '{link.name}' link from '{_parent_name(link)}' to '{link.node.node_name}'"
+            )
+        if not link.is_root and any(n is link.parent for n in descendants(new_child)):
+            raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
+        own = tran is None
+        tran = tran or Transaction()
+        try:
+            old_child = link.node
+            self._repoint(tran, link, new_child)
+            self.refresh_perms(tran, [new_child, old_child])
+        except BaseException:
+            if own:
+                tran.abort()
+            raise
+        if own:
+            tran.commit()
+
+    def replace_node(self, old: BlockNode, new: BlockNode, keep: Iterable[ChildLink] = ()) -> None:
+        """Re-point every parent link of ``old`` at ``new`` (inserting or removing a filter),
+        except the links in ``keep`` (e.g. the new filter's own link to ``old``)."""
+        keep_ids = {id(link) for link in keep}
+        moving = [link for link in old.parents if id(link) not in keep_ids]
+        frozen = [link for link in moving if link.frozen]
+        if frozen:
+            raise FrozenLinkError(f"Cannot change frozen link {frozen[0].describe()}")
+        with Transaction() as tran:
+            for link in moving:
+                if not link.is_root and any(n is link.parent for n in descendants(new)):
+                    raise GraphError(f"re-pointing {link.describe()} to {new.node_name!r} would create a cycle")
+                self._repoint(tran, link, new)
+            self.refresh_perms(tran, [new, old])
+
+    # -- freezing -------------------------------------------------------------------------------
+
+    def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
+        """Freeze the filter/COW links from ``top`` down to ``base``; several holders may freeze
+        the same link (a counter, not a flag). Returns the links for :meth:`unfreeze_links`."""
+        links = chain_links(top, base)
+        for link in links:
+            link.freeze()
+        return links
+
+    @staticmethod
+    def unfreeze_links(links: Iterable[ChildLink]) -> None:
+        for link in links:
+            link.unfreeze()
+
+    # -- permissions ----------------------------------------------------------------------------
+
+    def refresh_perms(self, tran: Transaction, seeds: Iterable[BlockNode]) -> None:
+        """Recompute permissions of ``seeds`` and everything below them, parents before children.
+
+        Raises :class:`PermissionConflict` (the caller's transaction then undoes everything).
+        """
+        order = _topological([n for seed in seeds for n in descendants(seed)])
+        for node in order:
+            cumulative, shared = NONE, ALL
+            parents = list(node.parents)
+            for a in parents:
+                for b in parents:
+                    if a is not b and b.perm & ~a.shared:
+                        missing = Perm(b.perm & ~a.shared)
+                        raise PermissionConflict(
+                            f"Permission conflict on node '{node.node_name}': permissions "
+                            f"'{', '.join(missing.names())}' are both required by {b.describe()} "
+                            f"and unshared by {a.describe()}"
+                        )
+                cumulative |= a.perm
+                shared &= a.shared
+            if cumulative & (Perm.WRITE | Perm.WRITE_UNCHANGED) and node.read_only:
+                writers = [lk for lk in parents if lk.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED)]
+                users = ", ".join(lk.describe() for lk in writers)
+                raise PermissionConflict(f"Block node '{node.node_name}' is read-only (write wanted by {users})")
+            old_node = (node.perm, node.shared)
+            node.perm, node.shared = cumulative, shared
+            tran.add(abort=lambda n=node, o=old_node: _set_node(n, *o))
+            node.set_perm(tran, cumulative, shared)
+            for link in node.children.values():
+                old = (link.perm, link.shared)
+                link.perm, link.shared = node.child_perm(link, cumulative, shared)
+                tran.add(abort=lambda lk=link, o=old: _set(lk, *o))
+
+    # -- primitive edits (undoable) -------------------------------------------------------------
+
+    def _link(self, tran: Transaction, link: ChildLink) -> None:
+        if link.is_root:
+            link.parent.links.append(link)
+        else:
+            link.parent.children[link.name] = link
+        link.node.parents.append(link)
+        tran.add(abort=lambda: self._raw_unlink(link))
+
+    def _unlink(self, tran: Transaction, link: ChildLink) -> None:
+        self._raw_unlink(link)
+        tran.add(abort=lambda: self._raw_link(link))
+
+    def _repoint(self, tran: Transaction, link: ChildLink, new_child: BlockNode) -> None:
+        old_child = link.node
+        old_child.parents.remove(link)
+        link.node = new_child
+        new_child.parents.append(link)
+
+        def undo() -> None:
+            new_child.parents.remove(link)
+            link.node = old_child
+            old_child.parents.append(link)
+
+        tran.add(abort=undo)
+
+    @staticmethod
+    def _raw_link(link: ChildLink) -> None:
+        if link.is_root:
+            link.parent.links.append(link)
+        else:
+            link.parent.children[link.name] = link
+        link.node.parents.append(link)
+
+    @staticmethod
+    def _raw_unlink(link: ChildLink) -> None:
+        if link.is_root:
+            link.parent.links.remove(link)
+        else:
+            del link.parent.children[link.name]
+        link.node.parents.remove(link)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def debug_graph(self, users: Iterable[GraphUser] = ()) -> dict:
+        """The shape of qemu's ``x-debug-query-block-graph``."""
+        ids: dict[int, int] = {}
+        nodes, edges = [], []
+
+        def node_id(obj) -> int:
+            if id(obj) not in ids:
+                ids[id(obj)] = len(ids) + 1
+            return ids[id(obj)]
+
+        for user in users:
+            nodes.append({"id": node_id(user), "type": user.kind, "name": user.name})
+        for node in self.nodes.values():
+            nodes.append({"id": node_id(node), "type": "block-driver", "name": node.node_name})
+        for owner in [*users, *self.nodes.values()]:
+            links = owner.links if isinstance(owner, GraphUser) else owner.children.values()
+            for link in links:
+                edges.append(
+                    {
+                        "parent": node_id(owner),
+                        "child": node_id(link.node),
+                        "name": link.name,
+                        "perm": link.perm.names(),
+                        "shared-perm": link.shared.names(),
+                    }
+                )
+        return {"nodes": nodes, "edges": edges}
+
+
+def _set(link: ChildLink, perm: Perm, shared: Perm) -> None:
+    link.perm, link.shared = perm, shared
+
+
+def _set_node(node: BlockNode, perm: Perm, shared: Perm) -> None:
+    node.perm, node.shared = perm, shared
+
+
+def _parent_name(link: ChildLink) -> str:
+    return link.parent.name if link.is_root else link.parent.node_name
+
+
+def _topological(nodes: list[BlockNode]) -> list[BlockNode]:
+    """Order ``nodes`` so every parent comes before its children (restricted to the set)."""
+    members = {id(n): n for n in nodes}
+    indegree = {key: 0 for key in members}
+    for node in members.values():
+        for link in node.children.values():
+            if id(link.node) in members:
+                indegree[id(link.node)] += 1
+    ready = [n for key, n in members.items() if indegree[key] == 0]
+    order = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for link in node.children.values():
+            key = id(link.node)
+            if key in members:
+                indegree[key] -= 1
+                if indegree[key] == 0:
+                    ready.append(link.node)
+    if len(order) != len(members):
+        raise GraphError("the block graph has a cycle")
+    return order
