@@ -357,7 +357,7 @@ class ServerConnection:
         allowed = ALLOWED_CMD_FLAGS.get(cmd)
         if allowed is None:
             raise RequestError(Errno.EINVAL, f"unknown command {cmd}")
-        if flags & ~allowed:
+        if flags & ~int(allowed):  # int: ~ on an IntFlag keeps only the defined bits
             raise RequestError(Errno.EINVAL, f"flags {flags:#x} not valid for command {Cmd(cmd).name}")
         if flags & CmdFlag.DF and not self.session.structured:
             raise RequestError(Errno.EINVAL, "DF requires structured replies")
