@@ -62,3 +62,20 @@ def start_nbdkit(workdir):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_daemon(workdir):
+    """Start ``pynbd daemon`` or ``qemu-storage-daemon`` (kind "pynbd" or "qsd"); stopped after the test."""
+    from tests.daemons import start_daemon as start
+
+    daemons = []
+
+    def starter(kind, *options, **kwargs):
+        daemon = start(kind, workdir, *options, **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield starter
+    for daemon in daemons:
+        daemon.stop()

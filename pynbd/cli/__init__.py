@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from pynbd.cli import serve
+from pynbd.cli import daemon, serve
 
-COMMANDS = [serve]
+COMMANDS = [serve, daemon]
 
 
 def main(argv: list[str] | None = None) -> int:

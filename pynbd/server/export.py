@@ -7,7 +7,7 @@ request against that before it reaches the node.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.nodes.base import BlockNode, Extent
@@ -20,21 +20,47 @@ MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_BLOCK = 4 * 1024 * 1024
 
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
+
 ContextSource = Callable[[int, int], Awaitable[list[Extent]]]
 
 
-@dataclass
 class Export:
-    name: str
-    node: BlockNode
-    description: str = ""
-    read_only: bool = False
-    multi_conn: bool = True
-    contexts: dict[str, ContextSource] = field(default_factory=dict)
+    """A named view of a node for NBD clients.
 
-    def __post_init__(self) -> None:
-        self.read_only = self.read_only or self.node.read_only
-        self.contexts.setdefault(BASE_ALLOCATION, self.node.block_status)
+    In the daemon an export is a user of the block graph: it reads and writes through its link,
+    so a filter inserted above the node (fleecing) is seen at once. ``pynbd serve`` has no graph
+    and gives the node directly.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        node: BlockNode,
+        description: str = "",
+        read_only: bool = False,
+        multi_conn: bool = True,
+        contexts: dict[str, ContextSource] | None = None,
+    ) -> None:
+        self.name = name
+        self._node = node
+        self.link: ChildLink | None = None
+        self.description = description
+        self.read_only = read_only or node.read_only
+        self.multi_conn = multi_conn
+        self.contexts: dict[str, ContextSource] = {BASE_ALLOCATION: self._base_allocation}
+        self.contexts.update(contexts or {})
+
+    @property
+    def node(self) -> BlockNode:
+        return self.link.node if self.link is not None else self._node
+
+    async def _base_allocation(self, offset: int, length: int) -> list[Extent]:
+        return await self.node.block_status(offset, length)
+
+    async def _allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        return await self.node.allocation_depth(offset, length)
 
     @property
     def size(self) -> int:
@@ -42,7 +68,7 @@ class Export:
 
     def add_allocation_depth(self) -> None:
         """Offer ``qemu:allocation-depth`` (qemu-nbd -A)."""
-        self.contexts[ALLOCATION_DEPTH] = self.node.allocation_depth
+        self.contexts[ALLOCATION_DEPTH] = self._allocation_depth
 
     def add_bitmap(self, name: str, bitmap: DirtyBitmap) -> None:
         """Offer ``qemu:dirty-bitmap:NAME`` (qemu-nbd -B NAME): 1 for dirty clusters, 0 for clean."""

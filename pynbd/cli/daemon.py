@@ -1,0 +1,110 @@
+"""``pynbd daemon``: a block graph served over NBD and driven over QMP, like qemu-storage-daemon.
+
+Command-line options are applied in order, as qemu-storage-daemon does, each through the same
+code as its QMP command: ``--blockdev`` is blockdev-add, ``--nbd-server`` nbd-server-start,
+``--export`` block-export-add, ``--object`` object-add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("pynbd.daemon")
+
+
+class OrderedOption(argparse.Action):
+    """Keep --blockdev/--export/... in the order given (they depend on one another)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.ordered.append((self.dest, values))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daemon", help="run a QMP-driven block graph and NBD server", description=__doc__)
+    p.set_defaults(ordered=[], func=run)
+    p.add_argument("--qmp", action="append", default=[], metavar="unix:PATH|tcp:HOST:PORT", help="QMP monitor")
+    for option, meta in (("blockdev", "DEF"), ("nbd-server", "DEF"), ("export", "DEF"), ("object", "DEF")):
+        p.add_argument(f"--{option}", dest=option, action=OrderedOption, metavar=meta, default=None)
+    p.add_argument("--pid-file", metavar="PATH", help="write the process id here once ready")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(serve(args))
+    except StartupError as exc:
+        print(f"pynbd daemon: {exc}", file=sys.stderr)
+        return 1
+
+
+class StartupError(Exception):
+    pass
+
+
+async def apply_option(daemon, kind: str, text: str) -> None:
+    from pynbd.daemon.blockdev import blockdev_add_options
+    from pynbd.daemon.exports import EXPORT_SPEC, add_export, start_nbd_server
+    from pynbd.daemon.objects import object_add
+    from pynbd.qmp import keyval
+    from pynbd.qmp.schema import check
+
+    implied = {"object": "qom-type", "export": "type"}.get(kind)
+    options, is_keyval = keyval.parse_option(text, implied)
+    if kind == "blockdev":
+        await blockdev_add_options(daemon, options, keyval=is_keyval)
+    elif kind == "nbd-server":
+        from pynbd.daemon.exports import ADDRESS
+
+        spec = {"addr": ADDRESS, "*tls-creds": "str", "*tls-authz": "str", "*max-connections": "uint"}
+        await start_nbd_server(daemon, check(spec, options, keyval=is_keyval))
+    elif kind == "export":
+        await add_export(daemon, check(EXPORT_SPEC, options, keyval=is_keyval))
+    elif kind == "object":
+        await object_add(daemon, options, keyval=is_keyval)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from pynbd.daemon import load_commands
+    from pynbd.daemon.core import Daemon
+    from pynbd.qmp import keyval
+    from pynbd.qmp.protocol import QMPError
+    from pynbd.qmp.server import QMPServer
+
+    load_commands()
+    daemon = Daemon()
+    qmp = QMPServer(daemon)
+    try:
+        for kind, text in args.ordered:
+            try:
+                await apply_option(daemon, kind, text)
+            except (QMPError, keyval.KeyvalError) as exc:
+                raise StartupError(f"--{kind} {text}: {exc}") from None
+        for spec in args.qmp:
+            try:
+                await qmp.listen(spec)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"--qmp {spec}: {exc}") from None
+    except BaseException:
+        await daemon.shutdown()
+        raise
+    if args.pid_file:
+        with open(args.pid_file + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(args.pid_file + ".tmp", args.pid_file)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.quit.set)
+    await daemon.quit.wait()
+    daemon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    await qmp.close()
+    await daemon.shutdown()
+    if args.pid_file:
+        try:
+            os.unlink(args.pid_file)
+        except FileNotFoundError:
+            pass
+    return 0

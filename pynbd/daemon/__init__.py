@@ -1,0 +1,6 @@
+"""The QMP-driven daemon (see core.py)."""
+
+
+def load_commands() -> None:
+    """Import every command module so that they register their QMP handlers."""
+    from pynbd.daemon import blockdev, exports, misc, objects  # noqa: F401

@@ -1,0 +1,114 @@
+"""The daemon: one block graph, one NBD server, exports, objects and jobs, driven over QMP.
+
+It is the counterpart of qemu-storage-daemon. Command modules (``blockdev``, ``exports``,
+``objects``, ``misc``) register their QMP handlers in :mod:`pynbd.daemon.registry`; the daemon
+checks arguments against each command's spec and dispatches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pynbd.daemon.registry import COMMANDS
+from pynbd.graph.core import BlockGraph, GraphError
+from pynbd.jobs.core import JobError, JobManager
+from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.qmp.protocol import QMPError
+from pynbd.qmp.schema import check
+from pynbd.server.export import ExportRegistry
+from pynbd.server.nbd import NBDServer
+
+log = logging.getLogger("pynbd.daemon")
+
+VERSION = (7, 2, 0)  # the qemu-storage-daemon QMP dialect we speak
+PACKAGE = "pynbd 0.1.0"
+
+
+class Daemon:
+    def __init__(self) -> None:
+        self.graph = BlockGraph()
+        self.registry = ExportRegistry()
+        self.nbd_server: NBDServer | None = None
+        self.exports: dict[str, Any] = {}  # export id -> DaemonExport (pynbd.daemon.exports)
+        self.objects: dict[str, Any] = {}  # object id -> object (pynbd.daemon.objects)
+        self.monitor_owned: set[str] = set()  # node-names added by blockdev-add (deletable)
+        self.jobs = JobManager(emit=self.emit)
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self.quit = asyncio.Event()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def emit(self, event: str, data: dict | None = None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data or {})
+            except Exception:
+                log.exception("event listener failed")
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def execute(self, name: str, arguments: Any, keyval: bool = False) -> Any:
+        """Run one QMP command; every refusal is a QMPError and leaves the daemon as it was."""
+        cmd = COMMANDS.get(name)
+        if cmd is None:
+            raise QMPError(f"The command {name} has not been found", "CommandNotFound")
+        args = arguments if arguments is not None else {}
+        if cmd.spec is not None:
+            args = check(cmd.spec, args, keyval=keyval)
+        elif not isinstance(args, dict):
+            raise QMPError("Invalid parameter type for 'arguments', expected: object")
+        try:
+            result = await cmd.handler(self, args)
+        except QMPError:
+            raise
+        except (GraphError, BlockError, JobError) as exc:
+            raise QMPError(str(exc)) from None
+        except OSError as exc:
+            raise QMPError(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")) from None
+        return {} if result is None else result
+
+    def node(self, name: str) -> BlockNode:
+        node = self.graph.nodes.get(name)
+        if node is None:
+            raise QMPError(f"Cannot find device={name} nor node-name={name}", "GenericError")
+        return node
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop serving, cancel jobs, and close every node (parents before children) cleanly."""
+        if self.nbd_server is not None:
+            await self.nbd_server.shutdown()
+            self.nbd_server = None
+        await self.jobs.cancel_all()
+        from pynbd.daemon.exports import remove_export  # local: exports imports core
+
+        for export_id in list(self.exports):
+            await remove_export(self, export_id, hard=True, emit=False)
+        await close_all_nodes(self.graph)
+
+
+async def close_all_nodes(graph: BlockGraph) -> None:
+    """Close nodes top-down so formats write their metadata before their files close."""
+    remaining = dict(graph.nodes)
+    while remaining:
+        tops = [
+            n
+            for n in remaining.values()
+            if not any(not lk.is_root and lk.parent in remaining.values() for lk in n.parents)
+        ]
+        if not tops:  # should not happen (the graph is acyclic); close the rest anyway
+            tops = list(remaining.values())
+        for node in tops:
+            try:
+                await node.close()
+            except Exception:
+                log.exception("closing node %s failed", node.node_name)
+            remaining.pop(node.node_name, None)

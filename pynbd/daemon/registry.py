@@ -1,0 +1,56 @@
+"""The table of QMP commands and transaction actions the daemon implements.
+
+Each command module registers its handlers here with their argument spec, so ``query-commands``,
+argument checking and dispatch all read the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pynbd.qmp.schema import Spec
+
+if TYPE_CHECKING:
+    from pynbd.daemon.core import Daemon
+    from pynbd.graph.transaction import Transaction
+
+Handler = Callable[["Daemon", dict], Awaitable[Any]]
+# A transaction action prepares its change inside the transaction (registering undo steps);
+# it may return a coroutine function to run once the whole transaction has committed.
+ActionHandler = Callable[["Daemon", dict, "Transaction"], Awaitable[Any]]
+
+
+@dataclass
+class Command:
+    name: str
+    spec: Spec | None  # None: the handler checks its own arguments (flat unions)
+    handler: Handler
+
+
+@dataclass
+class Action:
+    name: str
+    spec: Spec | None
+    handler: ActionHandler
+
+
+COMMANDS: dict[str, Command] = {}
+ACTIONS: dict[str, Action] = {}
+
+
+def command(name: str, spec: Spec | None = None):
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(name, spec, handler)
+        return handler
+
+    return register
+
+
+def action(name: str, spec: Spec | None = None):
+    def register(handler: ActionHandler) -> ActionHandler:
+        ACTIONS[name] = Action(name, spec, handler)
+        return handler
+
+    return register

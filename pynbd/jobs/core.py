@@ -1,0 +1,379 @@
+"""The job model shared by every long-running operation (create, backup, commit, stream, mirror).
+
+States, legal transitions and which verbs each state allows follow QEMU's job.c (JobSTT and
+JobVerbTable), so QMP clients see the same JOB_STATUS_CHANGE sequences as with
+qemu-storage-daemon. A job's work is one coroutine (:meth:`Job.work`) that calls
+:meth:`Job.checkpoint` between chunks: that is where pause, cancel and the speed limit act.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("pynbd.jobs")
+
+
+class JobStatus(enum.Enum):
+    UNDEFINED = "undefined"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+
+
+S = JobStatus
+TRANSITIONS: dict[JobStatus, set[JobStatus]] = {
+    S.UNDEFINED: {S.CREATED},
+    S.CREATED: {S.RUNNING, S.ABORTING, S.NULL},
+    S.RUNNING: {S.PAUSED, S.READY, S.WAITING, S.ABORTING},
+    S.PAUSED: {S.RUNNING},
+    S.READY: {S.STANDBY, S.WAITING, S.ABORTING},
+    S.STANDBY: {S.READY},
+    S.WAITING: {S.PENDING, S.ABORTING},
+    S.PENDING: {S.CONCLUDED, S.ABORTING},
+    S.ABORTING: {S.CONCLUDED, S.ABORTING},
+    S.CONCLUDED: {S.NULL},
+    S.NULL: set(),
+}
+VERBS: dict[str, set[JobStatus]] = {
+    "cancel": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING},
+    "pause": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY},
+    "resume": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY},
+    "set-speed": {S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY},
+    "complete": {S.READY, S.STANDBY},
+    "finalize": {S.PENDING},
+    "dismiss": {S.CONCLUDED},
+}
+
+
+class JobError(Exception):
+    pass
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work at a checkpoint once the job is cancelled."""
+
+
+EventSink = Callable[[str, dict], None]
+
+
+class Job:
+    """Base class: subclasses implement :meth:`work`, and optionally :meth:`prepare` (graph
+    changes on success), :meth:`abort` (undo on failure or cancel) and :meth:`clean`."""
+
+    job_type = "none"  # QMP JobType: create, backup, commit, stream, mirror, ...
+    is_block_job = True  # listed by query-block-jobs (blockdev-create's job is not)
+
+    def __init__(self, job_id: str, auto_finalize: bool = True, auto_dismiss: bool = True, speed: int = 0) -> None:
+        self.id = job_id
+        self.status = JobStatus.UNDEFINED
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.speed = speed
+        self.current_progress = 0
+        self.total_progress = 0
+        self.error: str | None = None
+        self.cancelled = False
+        self.force_cancel = False
+        self.device = ""  # block-job "device" (node name) for query-block-jobs
+        self.io_status = "ok"
+        self._pause_count = 0
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._finalize = asyncio.Event()
+        self._complete_requested = asyncio.Event()
+        self._rate_start = time.monotonic()
+        self._rate_bytes = 0
+        self.task: asyncio.Task | None = None
+        self.manager: JobManager | None = None
+        self.concluded = asyncio.Event()
+
+    # -- what subclasses provide -------------------------------------------------------------
+
+    async def work(self) -> None:
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """Success: make the job's graph changes (runs in PENDING when finalised)."""
+
+    async def abort(self) -> None:
+        """Failure or cancel: leave the graph as it was before the job."""
+
+    async def clean(self) -> None:
+        """Always, last: drop what the job held (frozen links, users, filters)."""
+
+    def complete(self) -> None:
+        """job-complete on a READY job: the work coroutine sees :attr:`complete_requested`."""
+        self._complete_requested.set()
+
+    # -- state machine ---------------------------------------------------------------------------
+
+    def _transition(self, new: JobStatus) -> None:
+        if new not in TRANSITIONS[self.status]:
+            raise JobError(f"job {self.id!r}: illegal transition {self.status.value} -> {new.value}")
+        self.status = new
+        self._emit("JOB_STATUS_CHANGE", {"status": new.value, "id": self.id})
+
+    def check_verb(self, verb: str) -> None:
+        if self.status not in VERBS[verb]:
+            raise JobError(f"Job '{self.id}' in state '{self.status.value}' cannot accept command verb '{verb}'")
+
+    def _emit(self, event: str, data: dict) -> None:
+        if self.manager is not None:
+            self.manager.emit(event, data)
+
+    def start(self) -> None:
+        self._transition(JobStatus.CREATED)
+        self.task = asyncio.create_task(self._run(), name=f"job-{self.id}")
+
+    @property
+    def complete_requested(self) -> bool:
+        return self._complete_requested.is_set()
+
+    async def wait_complete_requested(self) -> None:
+        await self._complete_requested.wait()
+
+    def set_ready(self) -> None:
+        if self.status is JobStatus.RUNNING:
+            self._transition(JobStatus.READY)
+            self._emit("BLOCK_JOB_READY", self._block_event_data())
+
+    # -- checkpoints: pause, cancel, speed --------------------------------------------------------
+
+    async def checkpoint(self, done_bytes: int = 0) -> None:
+        """Call between chunks of work: raises JobCancelled, waits while paused, honours speed."""
+        if self.cancelled:
+            raise JobCancelled()
+        if self._pause_count and self.status in (JobStatus.RUNNING, JobStatus.READY):
+            self._transition(JobStatus.PAUSED if self.status is JobStatus.RUNNING else JobStatus.STANDBY)
+        if not self._resumed.is_set():
+            await self._resumed.wait()
+            if self.cancelled:
+                raise JobCancelled()
+            self._transition(JobStatus.RUNNING if self.status is JobStatus.PAUSED else JobStatus.READY)
+        if done_bytes and self.speed:
+            self._rate_bytes += done_bytes
+            due = self._rate_start + self._rate_bytes / self.speed
+            delay = due - time.monotonic()
+            if delay > 0:
+                await self._sleep_or_wake(delay)
+
+    async def _sleep_or_wake(self, delay: float) -> None:
+        """Rate limiting: sleep, but wake early when cancelled (the rate itself is the point)."""
+        waker = asyncio.create_task(self._cancel_event().wait())
+        try:
+            await asyncio.wait([waker], timeout=delay)
+        finally:
+            waker.cancel()
+        if self.cancelled:
+            raise JobCancelled()
+
+    def _cancel_event(self) -> asyncio.Event:
+        if not hasattr(self, "_cancel_evt"):
+            self._cancel_evt = asyncio.Event()
+        return self._cancel_evt
+
+    def pause(self) -> None:
+        self.check_verb("pause")
+        self._pause_count += 1
+        self._resumed.clear()
+        if self.status is JobStatus.CREATED:
+            return
+        # A job waiting between checkpoints (READY, mirror idle) shows the pause at once.
+        if self.status is JobStatus.READY and not self._working:
+            self._transition(JobStatus.STANDBY)
+
+    def resume(self) -> None:
+        self.check_verb("resume")
+        if self._pause_count == 0:
+            raise JobError(f"Can't resume a job that was not paused: '{self.id}'")
+        self._pause_count -= 1
+        if self._pause_count == 0:
+            self._resumed.set()
+            if self.status is JobStatus.STANDBY and not self._working:
+                self._transition(JobStatus.READY)
+
+    def set_speed(self, speed: int) -> None:
+        self.check_verb("set-speed")
+        if speed < 0:
+            raise JobError("Parameter 'speed' expects a non-negative value")
+        self.speed = speed
+        self._rate_start, self._rate_bytes = time.monotonic(), 0
+
+    def cancel(self, force: bool = True) -> None:
+        self.check_verb("cancel")
+        self.cancelled = True
+        self.force_cancel = force
+        self._cancel_event().set()
+        self._resumed.set()
+        self._complete_requested.set()
+        if self.status is JobStatus.PENDING:
+            self._finalize.set()
+
+    def finalize(self) -> None:
+        self.check_verb("finalize")
+        self._finalize.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    _working = False
+
+    async def _run(self) -> None:
+        try:
+            if self._pause_count:
+                await self._resumed.wait()
+            self._transition(JobStatus.RUNNING)
+            self._working = True
+            try:
+                await self.work()
+            finally:
+                self._working = False
+            if self.cancelled and self.status is not JobStatus.READY:
+                raise JobCancelled()
+        except JobCancelled:
+            self.cancelled = True
+        except Exception as exc:  # the job fails; the daemon goes on
+            log.warning("job %s failed: %s", self.id, exc)
+            self.error = str(exc) or exc.__class__.__name__
+        await self._finish()
+
+    async def _finish(self) -> None:
+        failed = self.error is not None or (self.cancelled and self.force_cancel)
+        if not failed:
+            if self.status in (JobStatus.READY, JobStatus.STANDBY, JobStatus.RUNNING, JobStatus.PAUSED):
+                if self.status is JobStatus.PAUSED:
+                    self.status = JobStatus.RUNNING
+                if self.status is JobStatus.STANDBY:
+                    self.status = JobStatus.READY
+                self._transition(JobStatus.WAITING)
+            self._transition(JobStatus.PENDING)
+            self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
+            if not self.auto_finalize:
+                await self._finalize.wait()
+            if self.cancelled and self.force_cancel:
+                failed = True
+            else:
+                try:
+                    await self.prepare()
+                except Exception as exc:
+                    log.warning("job %s failed to finalise: %s", self.id, exc)
+                    self.error = str(exc)
+                    failed = True
+        if failed:
+            if self.status is JobStatus.PAUSED:
+                self.status = JobStatus.RUNNING
+            if self.status is JobStatus.STANDBY:
+                self.status = JobStatus.READY
+            self._transition(JobStatus.ABORTING)
+            try:
+                await self.abort()
+            except Exception:
+                log.exception("job %s: abort failed", self.id)
+        try:
+            await self.clean()
+        except Exception:
+            log.exception("job %s: clean-up failed", self.id)
+        if self.is_block_job:
+            data = self._block_event_data()
+            if self.error is not None:
+                data["error"] = self.error
+            if self.cancelled and self.error is None:
+                self._emit("BLOCK_JOB_CANCELLED", data)
+            else:
+                self._emit("BLOCK_JOB_COMPLETED", data)
+        self._transition(JobStatus.CONCLUDED)
+        self.concluded.set()
+        if self.auto_dismiss:
+            self.dismiss()
+
+    def dismiss(self) -> None:
+        self.check_verb("dismiss")
+        self._transition(JobStatus.NULL)
+        if self.manager is not None:
+            self.manager.jobs.pop(self.id, None)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def _block_event_data(self) -> dict:
+        return {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.total_progress,
+            "offset": self.current_progress,
+            "speed": self.speed,
+        }
+
+    def info(self) -> dict:
+        """One entry of query-jobs."""
+        info = {
+            "id": self.id,
+            "type": self.job_type,
+            "status": self.status.value,
+            "current-progress": self.current_progress,
+            "total-progress": self.total_progress,
+        }
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+    def block_info(self) -> dict:
+        """One entry of query-block-jobs."""
+        return {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.total_progress,
+            "offset": self.current_progress,
+            "busy": self.status in (JobStatus.RUNNING, JobStatus.READY) and self._working,
+            "paused": self._pause_count > 0,
+            "speed": self.speed,
+            "io-status": self.io_status,
+            "ready": self.status in (JobStatus.READY, JobStatus.STANDBY),
+            "status": self.status.value,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+
+
+class JobManager:
+    """All jobs of a daemon by id; forwards their events to the QMP layer."""
+
+    def __init__(self, emit: EventSink | None = None) -> None:
+        self.jobs: dict[str, Job] = {}
+        self._emit = emit
+
+    def emit(self, event: str, data: dict) -> None:
+        if self._emit is not None:
+            self._emit(event, data)
+
+    def start(self, job: Job) -> Job:
+        if not job.id:
+            raise JobError("job-id is required")
+        if job.id in self.jobs:
+            raise JobError(f"Job ID '{job.id}' already in use")
+        job.manager = self
+        self.jobs[job.id] = job
+        job.start()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobError(f"Job ID '{job_id}' not found")
+        return job
+
+    async def cancel_all(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.status in VERBS["cancel"]:
+                job.cancel()
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,117 @@
+"""Starting ``pynbd daemon`` and ``qemu-storage-daemon`` side by side for QMP tests.
+
+Both get pre-bound listening sockets (QMP and NBD) as inherited file descriptors, so they are
+reachable the moment they start: no test waits on a timer. Both are driven with the QEMU
+project's own client library, ``qemu.qmp``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from tests.peers import PYNBD
+
+KINDS = ("pynbd", "qsd")
+
+
+@dataclass
+class Daemon:
+    kind: str
+    proc: subprocess.Popen
+    qmp_path: str
+    nbd_path: str
+    log_path: Path
+    qmp: QEMUMonitorProtocol = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.qmp = QEMUMonitorProtocol(self.qmp_path)
+        self.qmp.connect(negotiate=True)
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_path}"
+
+    def cmd(self, command: str, /, **args) -> dict:
+        """The raw reply: {"return": ...} or {"error": {...}}. Arguments with dashes: ``**{"node-name": ...}``."""
+        return self.qmp.cmd_raw(command, args or None)
+
+    def ok(self, command: str, /, **args):
+        reply = self.cmd(command, **args)
+        assert "return" in reply, f"{self.kind}: {command} {args} failed: {reply}"
+        return reply["return"]
+
+    def fails(self, command: str, /, **args) -> str:
+        reply = self.cmd(command, **args)
+        assert "error" in reply, f"{self.kind}: {command} {args} unexpectedly succeeded"
+        return reply["error"]["desc"]
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.qmp.cmd_raw("quit")
+            except Exception:
+                self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            self.qmp.close()
+        except Exception:
+            pass
+        return self.proc.returncode
+
+
+def _listen(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(16)
+    return sock
+
+
+def start_daemon(kind: str, tmp: Path, *options: str, nbd: bool = True, max_connections: int = 0) -> Daemon:
+    """Start a daemon with ``options`` (qemu-storage-daemon syntax, e.g. "--blockdev", "...")."""
+    index = len(list(tmp.glob(f"{kind}-*.log")))
+    qmp_path, nbd_path = tmp / f"{kind}{index}-qmp.sock", tmp / f"{kind}{index}-nbd.sock"
+    qmp_sock = _listen(qmp_path)
+    fds = [qmp_sock.fileno()]
+    extra = []
+    if nbd:
+        nbd_sock = _listen(nbd_path)
+        fds.append(nbd_sock.fileno())
+        server = f"addr.type=fd,addr.str={nbd_sock.fileno()}"
+        if max_connections:
+            server += f",max-connections={max_connections}"
+        extra = ["--nbd-server", server]
+    if kind == "pynbd":
+        argv = [PYNBD, "daemon", "--qmp", f"fd:{qmp_sock.fileno()}"]
+    else:
+        argv = [
+            "qemu-storage-daemon",
+            "--chardev",
+            f"socket,fd={qmp_sock.fileno()},server=on,wait=off,id=qmp0",
+            "--monitor",
+            "chardev=qmp0",
+        ]
+    # options that need the NBD server (--export) must come after it, as qemu requires
+    before = [o for i, o in enumerate(options) if not _is_export(options, i)]
+    after = [o for i, o in enumerate(options) if _is_export(options, i)]
+    log_path = tmp / f"{kind}-{index}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*argv, *before, *extra, *after], pass_fds=fds, stdout=log, stderr=subprocess.STDOUT)
+    qmp_sock.close()
+    if nbd:
+        nbd_sock.close()
+    return Daemon(kind, proc, str(qmp_path), str(nbd_path), log_path)
+
+
+def _is_export(options: tuple[str, ...], i: int) -> bool:
+    return options[i] == "--export" or (i > 0 and options[i - 1] == "--export")
