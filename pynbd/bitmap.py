@@ -117,3 +117,62 @@ class DirtyBitmap:
         loaded.frombytes(bytes(data[: (len(bitmap.bits) + 7) // 8]))
         bitmap.bits[: len(loaded)] = loaded[: len(bitmap.bits)]
         return bitmap
+
+
+class NodeBitmap:
+    """A named dirty bitmap attached to a block node, with qemu's states.
+
+    ``enabled`` (qemu: recording) bitmaps are marked by every write, zero and discard that reaches
+    the node; ``busy`` ones (exported, or used by a job) may not be changed; ``persistent`` ones are
+    stored in the qcow2 image; ``inconsistent`` ones were found IN_USE on disk and can only be
+    removed. A backup job gives the bitmap a ``successor`` that records new writes while the job
+    reads the frozen parent.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        granularity: int = DEFAULT_GRANULARITY,
+        enabled: bool = True,
+        persistent: bool = False,
+        bitmap: DirtyBitmap | None = None,
+    ) -> None:
+        self.name = name
+        self.bitmap = bitmap if bitmap is not None else DirtyBitmap(size, granularity)
+        self.enabled = enabled
+        self.persistent = persistent
+        self.inconsistent = False
+        self.busy_count = 0
+        self.successor: DirtyBitmap | None = None
+
+    @property
+    def granularity(self) -> int:
+        return self.bitmap.granularity
+
+    @property
+    def busy(self) -> bool:
+        return self.busy_count > 0 or self.successor is not None
+
+    def mark(self, offset: int, length: int) -> None:
+        if self.successor is not None:
+            self.successor.set_range(offset, length)
+        elif self.enabled:
+            self.bitmap.set_range(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        return self.bitmap.extents(offset, length)
+
+    def info(self) -> dict:
+        """One entry of query-named-block-nodes' ``dirty-bitmaps`` (BlockDirtyInfo)."""
+        info = {
+            "name": self.name,
+            "recording": self.enabled,
+            "persistent": self.persistent,
+            "busy": self.busy,
+            "granularity": self.granularity,
+            "count": self.bitmap.count(),
+        }
+        if self.inconsistent:
+            info["inconsistent"] = True
+        return info

@@ -230,9 +230,8 @@ def node_info(node: BlockNode) -> dict:
     }
     if backing is not None:
         info["backing_file"] = node_filename(backing)
-    bitmaps = getattr(node, "bitmap_info", None)
-    if callable(bitmaps):
-        info["dirty-bitmaps"] = bitmaps()
+    if node.dirty_bitmaps:
+        info["dirty-bitmaps"] = [bitmap.info() for bitmap in node.dirty_bitmaps.values()]
     return info
 
 

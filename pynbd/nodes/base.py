@@ -7,10 +7,12 @@ the caller (the export or the parent node); a node may assume requests are insid
 from __future__ import annotations
 
 import errno
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from pynbd.bitmap import NodeBitmap
 from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
 
@@ -52,6 +54,24 @@ class BlockNode(ABC):
         self.parents: list[ChildLink] = []
         self.perm = Perm(0)
         self.shared = Perm.all()
+        self.dirty_bitmaps: dict[str, NodeBitmap] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Make every driver's write, write_zeroes and discard mark the node's dirty bitmaps.
+
+        This is the generic write path qemu has in bdrv_co_write_req_finish: one place for every
+        driver, so no driver can forget it. The range is marked before the driver runs, so a
+        request that fails or a process that dies mid-write never leaves a change unrecorded.
+        """
+        super().__init_subclass__(**kwargs)
+        for name in ("write", "write_zeroes", "discard"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_marks_bitmaps", False):
+                setattr(cls, name, _marking(method, name == "write"))
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        for bitmap in self.dirty_bitmaps.values():
+            bitmap.mark(offset, length)
 
     def child_node(self, name: str) -> BlockNode | None:
         link = self.children.get(name)
@@ -133,6 +153,17 @@ class BlockNode(ABC):
 
     def describe(self) -> str:
         return f"{self.driver} node {self.node_name!r}"
+
+
+def _marking(method, has_data: bool):
+    @functools.wraps(method)
+    async def wrapper(self, offset, arg, *args, **kwargs):
+        if self.dirty_bitmaps:
+            self.mark_dirty(offset, len(arg) if has_data else arg)
+        return await method(self, offset, arg, *args, **kwargs)
+
+    wrapper._marks_bitmaps = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
