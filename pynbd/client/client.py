@@ -786,7 +786,7 @@ class Client:
         pending.covered.append((start, hole))
 
     def _complete(self, cookie: int, pending: _Pending) -> None:
-        del self._pending[cookie]
+        # validate before forgetting the request, so that a violation fails it along with the rest
         if pending.error is None and pending.cmd == Cmd.READ and self._structured:
             pos = 0
             for start, length in sorted(pending.covered):
@@ -800,6 +800,7 @@ class Client:
             for context_id, extents in pending.extents.items():
                 if len(extents) > 1 and sum(n for n, _ in extents[:-1]) >= pending.length:
                     raise ProtocolViolation(f"block status for context id {context_id} runs past the request")
+        del self._pending[cookie]
         future = pending.future
         if future.done():  # the caller gave up waiting (cancelled); the reply is consumed anyway
             return
