@@ -20,7 +20,11 @@ UNIX_SNDBUF = 4 * 1024 * 1024
 
 
 class ConnectionClosed(ConnectionError):
-    """The peer closed the connection (possibly in the middle of a message)."""
+    """The peer closed the connection; ``partial`` if it did so in the middle of a read."""
+
+    def __init__(self, message: str = "connection closed by peer", partial: bool = False) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class SocketChannel:
@@ -215,7 +219,9 @@ class BufferedReader:
             self._start, self._end = 0, pending
         n = await self.channel.recv_into(self._view[self._end :])
         if n == 0:
-            raise ConnectionClosed("connection closed by peer")
+            if pending := self._end - self._start:
+                raise ConnectionClosed(f"connection closed by peer {pending} bytes into a message", partial=True)
+            raise ConnectionClosed()
         self._end += n
 
     async def readexactly(self, n: int) -> bytes:
@@ -243,7 +249,9 @@ class BufferedReader:
         while done < len(view):
             n = await self.channel.recv_into(view[done:])
             if n == 0:
-                raise ConnectionClosed("connection closed by peer")
+                if done:
+                    raise ConnectionClosed(f"connection closed by peer after {done} of {len(view)} bytes", partial=True)
+                raise ConnectionClosed()
             done += n
 
     async def skip(self, n: int) -> None:

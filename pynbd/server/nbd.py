@@ -193,6 +193,7 @@ class ServerConnection:
         self._buffers = BufferPool()
         self._stopping = False
         self._reading: asyncio.Task | None = None
+        self._mid_message = False  # a header announced a payload that has not fully arrived yet
         try:
             self.peer = str(channel.sock.getpeername() or "unix")
         except OSError:
@@ -207,8 +208,11 @@ class ServerConnection:
                 return
             if self.session is not None:
                 await self._transmission()
-        except ConnectionClosed:
-            log.debug("%s: client disconnected", self.peer)
+        except ConnectionClosed as exc:
+            if exc.partial or self._mid_message:
+                log.warning("%s: client disconnected mid-message: %s", self.peer, exc)
+            else:
+                log.debug("%s: client disconnected", self.peer)
         except ProtocolError as exc:
             log.warning("%s: protocol error, closing: %s", self.peer, exc)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
@@ -246,7 +250,9 @@ class ServerConnection:
             option, length = decode_option_header(await self.reader.readexactly(OPTION_HEADER.size))
             if length > MAX_OPTION_LENGTH:
                 raise ProtocolError(f"option {option} payload of {length} bytes is over the limit")
+            self._mid_message = True
             payload = await self.reader.readexactly(length) if length else b""
+            self._mid_message = False
             outcome = negotiation.handle_option(option, payload)
             log.debug("%s: option %d -> %s", self.peer, option, outcome.action.value)
             if outcome.replies:
@@ -282,7 +288,9 @@ class ServerConnection:
                 request = decode_request(header)
                 payload = None
                 if request.type == Cmd.WRITE:
+                    self._mid_message = True
                     payload = await self._receive_payload(request)
+                    self._mid_message = False
             except asyncio.CancelledError:
                 if self._stopping:
                     return
