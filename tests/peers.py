@@ -124,3 +124,116 @@ def run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedPr
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# -- sparse images and their truth (shared by the interop and differential tests) ------------------
+
+BLOCK = 4096
+HOLE_ZERO = 3  # base:allocation NBD_STATE_HOLE | NBD_STATE_ZERO
+DATA = 0
+
+AbsExtent = tuple[int, int, int]  # (offset, length, base:allocation flags)
+
+
+def make_sparse_image(path: Path, size: int, data_ranges: list[tuple[int, int]], seed: int = 1) -> bytearray:
+    """Create ``path`` of ``size`` bytes with random data in ``data_ranges`` (offset, length) and holes
+    elsewhere; return the expected content. Ranges should be 4 KiB-aligned so the filesystem's
+    layout matches them exactly."""
+    import random
+
+    rng = random.Random(seed)
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data_ranges:
+            data = rng.randbytes(length)
+            content[offset : offset + length] = data
+            f.seek(offset)
+            f.write(data)
+    return content
+
+
+def merge_abs_extents(extents) -> list[AbsExtent]:
+    """Join touching extents of equal flags: NBD servers may split a run anywhere, so only the
+    merged form is comparable between peers."""
+    merged: list[AbsExtent] = []
+    for offset, length, flags in extents:
+        if not length:
+            continue
+        if merged and merged[-1][2] == flags and merged[-1][0] + merged[-1][1] == offset:
+            prev = merged[-1]
+            merged[-1] = (prev[0], prev[1] + length, flags)
+        else:
+            merged.append((offset, length, flags))
+    return merged
+
+
+def file_extents(path: Path | str) -> list[AbsExtent]:
+    """The file's real layout from SEEK_DATA/SEEK_HOLE, as base:allocation extents."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: a hole up to EOF
+                data = size
+            if data > pos:
+                out.append((pos, data - pos, HOLE_ZERO))
+            if data >= size:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data, hole - data, DATA))
+            pos = hole
+    finally:
+        os.close(fd)
+    return merge_abs_extents(out)
+
+
+def data_ranges_of(extents: list[AbsExtent]) -> list[tuple[int, int]]:
+    return [(offset, length) for offset, length, flags in extents if not flags & 1]
+
+
+def nbd_block_status(h, offset: int = 0, length: int | None = None, req_one: bool = False) -> list[AbsExtent]:
+    """base:allocation of ``[offset, offset+length)`` through libnbd, walking as far as needed.
+    Every reply must start where it was asked to and not go past the request."""
+    import nbd
+
+    end = h.get_size() if length is None else offset + length
+    out: list[AbsExtent] = []
+    pos = offset
+    while pos < end:
+        got: list[AbsExtent] = []
+
+        def callback(metacontext: str, start: int, entries: list[int], err: int, got=got) -> int:
+            assert metacontext == "base:allocation"
+            at = start
+            for i in range(0, len(entries), 2):
+                got.append((at, entries[i], entries[i + 1]))
+                at += entries[i]
+            return 0
+
+        h.block_status(end - pos, pos, callback, nbd.CMD_FLAG_REQ_ONE if req_one else 0)
+        assert got and got[0][0] == pos, f"block status at {pos} answered {got[:2]}"
+        if req_one:
+            assert len(got) == 1, f"REQ_ONE answered with {len(got)} extents"
+        for start, length_, flags in got:
+            length_ = min(length_, end - start)  # a server may describe past the request; clamp
+            out.append((start, length_, flags))
+        pos = got[-1][0] + got[-1][1]
+    return merge_abs_extents(out)
+
+
+def nbdinfo_map(uri: str, *extra: str) -> list[AbsExtent]:
+    """``nbdinfo --map --json`` as merged extents."""
+    import json
+
+    entries = json.loads(run(["nbdinfo", "--map", "--json", *extra, uri]).stdout)
+    return merge_abs_extents((e["offset"], e["length"], e["type"]) for e in entries)
+
+
+def read_all(h, chunk: int = 4 << 20) -> bytes:
+    size = h.get_size()
+    return b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
