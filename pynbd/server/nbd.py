@@ -256,7 +256,12 @@ class ServerConnection:
             outcome = negotiation.handle_option(option, payload)
             log.debug("%s: option %d -> %s", self.peer, option, outcome.action.value)
             if outcome.replies:
-                await self.channel.send(outcome.replies)
+                try:
+                    await self.channel.send(outcome.replies)
+                except ConnectionError:
+                    if outcome.action is not Action.CLOSE:
+                        raise
+                    # a client may hang up right after NBD_OPT_ABORT without waiting for our ACK
             if outcome.action is Action.CLOSE:
                 log.info("%s: closing during negotiation: %s", self.peer, outcome.reason)
                 return
