@@ -1,0 +1,846 @@
+"""The qcow2 block node: reads, allocating writes, zeroing, discard, block status, persistent bitmaps.
+
+Every byte goes through the ``file`` child node (so the graph can put filters between the format
+and the file), and unallocated clusters read through the ``backing`` child. Standalone (``pynbd
+serve``, ``pynbd img``) the children are given to the constructor; once the node's ``file`` is
+linked in a block graph, the graph's links are authoritative (so a job can re-point ``backing``).
+
+Persistent bitmaps live in ``dirty_bitmaps`` like any node's bitmaps (the base class marks them on
+every write, zero and discard), flagged ``persistent``. They are IN_USE on disk from the moment the
+image is opened read-write until they are stored on a clean close.
+
+Concurrency: one asyncio lock serialises everything that looks at or changes metadata. Reads map
+their range under the lock and then read data outside it; clusters freed by a write or discard
+are only handed back to the allocator once no such read is in flight, so a read can never see
+another guest offset's data in a cluster that was freed and reused under it.
+
+Metadata is cached and written back in the crash-safe order (see ``refcount.py``): refcount
+blocks, barrier, L2 tables, barrier, L1 entries, barrier, then the deferred refcount decrements.
+Write-back happens on flush, FUA, close and when the L2 cache must evict a dirty table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from array import array
+
+from pynbd.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, NodeBitmap, check_granularity
+from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
+from pynbd.qcow2 import bitmaps as bm
+from pynbd.qcow2.l2cache import L2Cache
+from pynbd.qcow2.layout import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_KNOWN,
+    COMPRESSION_NAMES,
+    EXT_BITMAPS,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    L1E_RESERVED,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    FormatError,
+    Header,
+    check_openable,
+    compressed_location,
+    decode_header,
+    decompress,
+    table_from_bytes,
+    table_to_bytes,
+)
+from pynbd.qcow2.refcount import Refcounts, _runs
+
+log = logging.getLogger("pynbd.qcow2")
+
+# cluster kinds, as qemu's QCOW2_CLUSTER_*
+UNALLOCATED = 0
+ZERO_PLAIN = 1
+ZERO_ALLOC = 2
+NORMAL = 3
+COMPRESSED = 4
+
+MAX_ALLOC_RUN = 32 << 20  # bytes allocated and written in one go by a large write
+_ZEROS = bytes(1 << 20)
+
+
+def entry_kind(entry: int) -> int:
+    if entry & OFLAG_COMPRESSED:
+        return COMPRESSED
+    if entry & OFLAG_ZERO:
+        return ZERO_ALLOC if entry & OFFSET_MASK else ZERO_PLAIN
+    return NORMAL if entry & OFFSET_MASK else UNALLOCATED
+
+
+def _writable_in_place(entry: int) -> bool:
+    """A normal cluster this image alone owns (COPIED): overwrite it where it is."""
+    return entry & (OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO) == OFLAG_COPIED and bool(entry & OFFSET_MASK)
+
+
+def fill_zero(view: memoryview) -> None:
+    for start in range(0, len(view), len(_ZEROS)):
+        piece = view[start : start + len(_ZEROS)]
+        piece[:] = _ZEROS[: len(piece)]
+
+
+def default_bitmap_granularity(cluster_size: int) -> int:
+    """qemu's default: the cluster size clamped to [4 KiB, 64 KiB]."""
+    return min(max(cluster_size, 4096), DEFAULT_GRANULARITY)
+
+
+async def read_header(file: BlockNode) -> Header:
+    """Decode the header and extensions from the first cluster of ``file``."""
+    size = file.size
+    probe = bytearray(min(size, 4096))
+    await file.read_into(0, memoryview(probe))
+    header = decode_header(probe)  # validates magic and cluster_bits
+    if header.cluster_size > len(probe):
+        first = bytearray(min(size, header.cluster_size))
+        await file.read_into(0, memoryview(first))
+        header = decode_header(first)
+    return header
+
+
+class Qcow2Node(BlockNode):
+    driver = "qcow2"
+
+    def __init__(
+        self,
+        file: BlockNode,
+        header: Header,
+        l1: array,
+        refcounts: Refcounts,
+        *,
+        backing: BlockNode | None = None,
+        read_only: bool = False,
+        filename: str = "",
+        node_name: str = "",
+    ) -> None:
+        super().__init__(node_name)
+        self._file = file
+        self._backing = backing
+        self.header = header
+        self.read_only = read_only
+        self.filename = filename
+        self.l1 = l1
+        self.refcounts = refcounts
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.l2_entries = header.l2_entries
+        self.l2_span = self.l2_entries << self.cluster_bits
+        self.l1_dirty: set[int] = set()
+        self.l2cache = L2Cache(file, self.cluster_size, self._writeback)
+        #: the bitmap directory as it is on disk: (entry, its bitmap table) per bitmap
+        self.disk_bitmaps: list[tuple[bm.DirEntry, array]] = []
+        #: names of the bitmaps that were IN_USE when opened (not saved after their last change)
+        self.bitmaps_found_in_use: set[str] = set()
+        self._bitmap_tasks: set[asyncio.Task] = set()
+        self._bitmap_directory: tuple[int, int] | None = None  # (offset, size) on disk
+        self._lock = asyncio.Lock()
+        self._inflight_reads = 0
+        self._reads_idle = asyncio.Event()
+        self._reads_idle.set()
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self.closed = False
+
+    @property
+    def file(self) -> BlockNode:
+        if "file" in self.children:
+            return self.children["file"].node
+        return self._file
+
+    @property
+    def backing(self) -> BlockNode | None:
+        if "file" in self.children:
+            link = self.children.get("backing")
+            return link.node if link is not None else None
+        return self._backing
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        file: BlockNode,
+        *,
+        header: Header | None = None,
+        backing: BlockNode | None = None,
+        read_only: bool = False,
+        filename: str = "",
+        node_name: str = "",
+    ) -> Qcow2Node:
+        """Open an image on ``file``; ``backing`` is the already opened backing node, if any."""
+        header = header or await read_header(file)
+        check_openable(header)
+        if header.extended_l2:
+            raise FormatError("qcow2 images with extended L2 entries (subclusters) are not supported")
+        if not read_only:
+            if header.nb_snapshots:
+                raise FormatError("writing qcow2 images with internal snapshots is not supported; open it read-only")
+            if header.incompatible_features & INCOMPAT_CORRUPT:
+                raise FormatError("image is marked corrupt; repair it with 'pynbd img check -r all' first")
+            if header.incompatible_features & INCOMPAT_DIRTY:
+                raise FormatError(
+                    "image has the dirty bit set (lazy refcounts); repair it with 'pynbd img check -r all'"
+                )
+        l1_bytes = bytearray(header.l1_size * 8)
+        if l1_bytes:
+            await file.read_into(header.l1_table_offset, memoryview(l1_bytes))
+        l1 = table_from_bytes(l1_bytes)
+        refcounts = await Refcounts.load(file, header)
+        node = cls(
+            file,
+            header,
+            l1,
+            refcounts,
+            backing=backing,
+            read_only=read_only,
+            filename=filename,
+            node_name=node_name,
+        )
+        await node._load_bitmaps()
+        if not read_only:
+            await node._open_read_write()
+        return node
+
+    async def _load_bitmaps(self) -> None:
+        ext = self.header.extension(EXT_BITMAPS)
+        if ext is None:
+            return
+        if self.header.version < 3:
+            log.warning("%s: ignoring a bitmaps extension in a qcow2 v2 image", self.filename)
+            return
+        directory = bm.Extension.decode(ext.data)
+        if directory.directory_offset % self.cluster_size:
+            raise FormatError("bitmap directory offset is not cluster aligned")
+        raw = bytearray(directory.directory_size)
+        await self.file.read_into(directory.directory_offset, memoryview(raw))
+        entries = bm.decode_directory(raw, directory.nb_bitmaps)
+        bm.check_directory(entries, self.size, self.cluster_size)
+        consistent = bool(self.header.autoclear_features & AUTOCLEAR_BITMAPS)
+        if not consistent:
+            log.warning(
+                "%s: the bitmaps extension was changed by a program that does not know bitmaps: "
+                "every bitmap is loaded fully dirty",
+                self.filename,
+            )
+        self._bitmap_directory = (directory.directory_offset, directory.directory_size)
+        for entry in entries:
+            table = await bm.read_table(self.file, entry)
+            self.disk_bitmaps.append((entry, table))
+            if entry.in_use or not consistent:
+                # never trust it, never drop it: everything may have changed since it was saved
+                bitmap = DirtyBitmap(self.size, entry.granularity)
+                bitmap.fill()
+                self.bitmaps_found_in_use.add(entry.name)
+                if entry.in_use:
+                    log.warning(
+                        "%s: bitmap '%s' was in use (not saved after its last change): loaded as fully dirty",
+                        self.filename,
+                        entry.name,
+                    )
+            else:
+                bitmap = await bm.load_data(self.file, entry, table, self.size, self.cluster_size)
+            self.dirty_bitmaps[entry.name] = NodeBitmap(
+                entry.name, self.size, entry.granularity, enabled=entry.auto, persistent=True, bitmap=bitmap
+            )
+
+    async def _open_read_write(self) -> None:
+        """Clear autoclear bits we do not know, then mark every stored bitmap IN_USE before any write."""
+        autoclear = self.header.autoclear_features & AUTOCLEAR_KNOWN
+        if self.header.extension(EXT_BITMAPS) is None:
+            autoclear &= ~AUTOCLEAR_BITMAPS
+        if autoclear != self.header.autoclear_features:
+            self.header.autoclear_features = autoclear
+            await self._write_header()
+        if self.disk_bitmaps and self._bitmap_directory:
+            for entry, _ in self.disk_bitmaps:
+                entry.flags |= bm.FLAG_IN_USE
+            directory = bm.encode_directory([entry for entry, _ in self.disk_bitmaps])
+            await self.file.write(self._bitmap_directory[0], directory)
+        await self.file.flush()
+
+    # -- basic properties ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    def describe(self) -> str:
+        return f"qcow2 {self.filename!r}"
+
+    @property
+    def compression(self) -> str:
+        return COMPRESSION_NAMES[self.header.compression_type]
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"{self.describe()} is read-only")
+        if self.closed:
+            raise BlockError(errno.EIO, f"{self.describe()} is closed")
+
+    # -- metadata lookup -------------------------------------------------------------------------
+
+    async def _l2(self, offset: int) -> array:
+        if offset % self.cluster_size:
+            raise BlockError(errno.EIO, f"qcow2: L2 table offset {offset:#x} is not cluster aligned")
+        return await self.l2cache.get(offset)
+
+    def _l2_offset(self, l1_index: int) -> int:
+        entry = self.l1[l1_index]
+        if entry & L1E_RESERVED:
+            raise BlockError(errno.EIO, f"qcow2: L1 entry {l1_index} is corrupt ({entry:#x})")
+        return entry & OFFSET_MASK
+
+    async def _map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(guest offset, length, kind, host) runs of this layer only, merged where contiguous.
+
+        ``host`` is the byte offset in the file for NORMAL and ZERO_ALLOC, the L2 entry for
+        COMPRESSED, 0 otherwise."""
+        out: list[list[int]] = []
+        bits, cs = self.cluster_bits, self.cluster_size
+        pos, end = offset, offset + length
+        while pos < end:
+            l1_index = (pos >> bits) // self.l2_entries
+            table_end = min(end, (l1_index + 1) * self.l2_span)
+            l2_offset = self._l2_offset(l1_index)
+            if not l2_offset:
+                self._append_run(out, pos, table_end - pos, UNALLOCATED, 0)
+                pos = table_end
+                continue
+            table = await self._l2(l2_offset)
+            base = l1_index * self.l2_entries
+            while pos < table_end:
+                cluster = pos >> bits
+                entry = table[cluster - base]
+                next_pos = min(table_end, (cluster + 1) << bits)
+                kind = entry_kind(entry)
+                if kind == NORMAL or kind == ZERO_ALLOC:
+                    host = (entry & OFFSET_MASK) + (pos & (cs - 1))
+                elif kind == COMPRESSED:
+                    host = entry
+                else:
+                    host = 0
+                self._append_run(out, pos, next_pos - pos, kind, host)
+                pos = next_pos
+        return [(g, n, k, h) for g, n, k, h in out]
+
+    @staticmethod
+    def _append_run(out: list[list[int]], pos: int, length: int, kind: int, host: int) -> None:
+        if out:
+            last = out[-1]
+            if last[2] == kind and kind != COMPRESSED and last[0] + last[1] == pos:
+                if kind not in (NORMAL, ZERO_ALLOC) or last[3] + last[1] == host:
+                    last[1] += length
+                    return
+        out.append([pos, length, kind, host])
+
+    async def layer_map(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """This layer's allocation of a range (for ``img map``, ``commit`` and ``convert``)."""
+        async with self._lock:
+            return await self._map(offset, length)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        async with self._lock:
+            plan = await self._map(offset, len(buf))
+            self._inflight_reads += 1
+            self._reads_idle.clear()
+        try:
+            for guest, length, kind, host in plan:
+                dst = buf[guest - offset : guest - offset + length]
+                if kind == NORMAL:
+                    await self.file.read_into(host, dst)
+                elif kind == COMPRESSED:
+                    data = await self._decompressed(host)
+                    within = guest & (self.cluster_size - 1)
+                    dst[:] = data[within : within + length]
+                elif kind == UNALLOCATED:
+                    await self._read_backing(guest, dst)
+                else:
+                    fill_zero(dst)
+        finally:
+            self._inflight_reads -= 1
+            if not self._inflight_reads:
+                self._reads_idle.set()
+
+    async def _read_backing(self, guest: int, dst: memoryview) -> None:
+        if self.backing is None:
+            fill_zero(dst)
+            return
+        inside = max(0, min(len(dst), self.backing.size - guest))
+        if inside:
+            await self.backing.read_into(guest, dst[:inside])
+        if inside < len(dst):
+            fill_zero(dst[inside:])
+
+    async def _decompressed(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        offset, length = compressed_location(entry, self.cluster_bits)
+        raw = bytearray(length)
+        await self.file.read_into(offset, memoryview(raw))
+        try:
+            data = decompress(bytes(raw), self.cluster_size, self.header.compression_type)
+        except Exception as exc:  # zlib.error, zstd errors, short output
+            raise BlockError(errno.EIO, f"qcow2: compressed cluster at {offset:#x} is corrupt: {exc}") from exc
+        self._compressed_cache = (entry, data)
+        return data
+
+    async def _cluster_content(self, cluster: int, entry: int) -> bytes:
+        """What a guest cluster reads as now (the old data a partial write keeps)."""
+        kind = entry_kind(entry)
+        if kind == COMPRESSED:
+            return await self._decompressed(entry)
+        buf = bytearray(self.cluster_size)
+        if kind == NORMAL:
+            await self.file.read_into(entry & OFFSET_MASK, memoryview(buf))
+        elif kind == UNALLOCATED:
+            await self._read_backing(cluster << self.cluster_bits, memoryview(buf))
+        return bytes(buf)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._require_writable()
+        view = memoryview(data).cast("B")
+        async with self._lock:
+            await self._write_locked(offset, view)
+            if fua:
+                await self._flush_locked()
+
+    async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
+        """The L2 table of ``l1_index``, allocating an empty one if there is none."""
+        l2_offset = self._l2_offset(l1_index)
+        if not l2_offset:
+            l2_offset = await self.refcounts.alloc(1)
+            table = array("Q", bytes(self.cluster_size))
+            await self.l2cache.insert(l2_offset, table, dirty=True)
+            self.l1[l1_index] = l2_offset | OFLAG_COPIED
+            self.l1_dirty.add(l1_index)
+            return l2_offset, table
+        if not self.l1[l1_index] & OFLAG_COPIED:
+            if await self.refcounts.get(l2_offset // self.cluster_size) != 1:
+                raise BlockError(errno.EIO, f"qcow2: L2 table {l1_index} is shared (internal snapshot?)")
+            self.l1[l1_index] |= OFLAG_COPIED
+            self.l1_dirty.add(l1_index)
+        return l2_offset, await self._l2(l2_offset)
+
+    async def _write_locked(self, offset: int, view: memoryview) -> None:
+        bits = self.cluster_bits
+        pos, end = offset, offset + len(view)
+        max_run = max(1, MAX_ALLOC_RUN >> bits)
+        while pos < end:
+            l1_index = (pos >> bits) // self.l2_entries
+            table_end = min(end, (l1_index + 1) * self.l2_span)
+            l2_offset, table = await self._l2_for_write(l1_index)
+            base = l1_index * self.l2_entries
+            while pos < table_end:
+                i = (pos >> bits) - base
+                entry = table[i]
+                if _writable_in_place(entry):
+                    host = entry & OFFSET_MASK
+                    j = i + 1
+                    while (
+                        (base + j) << bits < table_end
+                        and _writable_in_place(table[j])
+                        and table[j] & OFFSET_MASK == host + ((j - i) << bits)
+                    ):
+                        j += 1
+                    run_end = min(table_end, (base + j) << bits)
+                    start_host = host + (pos - ((base + i) << bits))
+                    await self.file.write(start_host, view[pos - offset : run_end - offset])
+                else:
+                    j = i + 1
+                    while (base + j) << bits < table_end and not _writable_in_place(table[j]) and j - i < max_run:
+                        j += 1
+                    run_end = min(table_end, (base + j) << bits)
+                    await self._write_new_clusters(table, base + i, j - i, pos, run_end, view[pos - offset :])
+                    self.l2cache.mark_dirty(l2_offset)
+                pos = run_end
+
+    async def _write_new_clusters(
+        self, table: array, first: int, count: int, pos: int, end: int, data: memoryview
+    ) -> None:
+        """Copy-on-write ``count`` clusters from guest cluster ``first``: new clusters get the old
+        content around the written part, then the L2 entries switch and the old clusters are freed."""
+        bits, cs = self.cluster_bits, self.cluster_size
+        base = first - first % self.l2_entries
+        start, stop = first << bits, (first + count) << bits
+        host = await self.refcounts.alloc(count)
+        if pos == start and end == stop:
+            payload: bytes | bytearray | memoryview = data[: end - pos]
+        else:
+            buf = bytearray(count * cs)
+            if pos > start:
+                buf[:cs] = await self._cluster_content(first, table[first - base])
+            if end < stop and (count > 1 or pos == start):
+                last = first + count - 1
+                buf[(count - 1) * cs :] = await self._cluster_content(last, table[last - base])
+            buf[pos - start : end - start] = data[: end - pos]
+            payload = buf
+        await self.file.write(host, payload)
+        for k in range(count):
+            index = first - base + k
+            old = table[index]
+            table[index] = (host + (k << bits)) | OFLAG_COPIED
+            self._release(old)
+
+    def _release(self, entry: int) -> None:
+        """Queue the clusters an entry pointed at for freeing once the new entry is on disk."""
+        kind = entry_kind(entry)
+        if kind == NORMAL or kind == ZERO_ALLOC:
+            self.refcounts.free_later((entry & OFFSET_MASK) >> self.cluster_bits, 1)
+        elif kind == COMPRESSED:
+            offset, length = compressed_location(entry, self.cluster_bits)
+            self.refcounts.free_bytes_later(offset, length)
+
+    def _full_clusters(self, offset: int, end: int) -> tuple[int, int]:
+        """The cluster-aligned part of a range; the partial last cluster of the disk counts as full."""
+        cs = self.cluster_size
+        first = (offset + cs - 1) // cs * cs
+        last = (end + cs - 1) // cs * cs if end == self.size else end // cs * cs
+        return first, max(first, last)
+
+    async def _reads_as_zero(self, offset: int, length: int) -> bool:
+        for guest, run, kind, _ in await self._map(offset, length):
+            if kind in (NORMAL, COMPRESSED):
+                return False
+            if kind == UNALLOCATED and self.backing is not None and guest < self.backing.size:
+                inside = min(run, self.backing.size - guest)
+                if any(flags != HOLE_ZERO for _, flags in await self.backing.block_status(guest, inside)):
+                    return False
+        return True
+
+    async def write_zeroes(
+        self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
+    ) -> None:
+        self._require_writable()
+        end = offset + length
+        async with self._lock:
+            if self.header.version < 3:  # no zero flag: only real zeroes will do
+                if fast:
+                    raise NotFast()
+                await self._write_zero_bytes(offset, end)
+            else:
+                first, last = self._full_clusters(offset, end)
+                pieces = [(offset, end)] if first >= last else [(offset, first), (last, end)]
+                partial = []
+                for start, stop in pieces:
+                    if start < stop and not await self._reads_as_zero(start, stop - start):
+                        partial.append((start, stop))
+                if partial and fast:
+                    raise NotFast()
+                for start, stop in partial:
+                    await self._write_zero_bytes(start, stop)
+                if first < last:
+                    await self._zero_clusters(first, last, may_trim)
+            if fua:
+                await self._flush_locked()
+
+    async def _write_zero_bytes(self, offset: int, end: int) -> None:
+        step = len(_ZEROS)
+        for pos in range(offset, end, step):
+            await self._write_locked(pos, memoryview(_ZEROS)[: min(step, end - pos)])
+
+    async def _zero_clusters(self, offset: int, end: int, may_trim: bool) -> None:
+        """Set the zero flag on whole clusters (qemu's zero_in_l2_slice)."""
+        bits = self.cluster_bits
+        pos = offset
+        while pos < end:
+            l1_index = (pos >> bits) // self.l2_entries
+            table_end = min(end, (l1_index + 1) * self.l2_span)
+            l2_offset, table = await self._l2_for_write(l1_index)
+            base = l1_index * self.l2_entries
+            changed = False
+            for cluster in range(pos >> bits, (table_end + self.cluster_size - 1) >> bits):
+                old = table[cluster - base]
+                unmap = may_trim or entry_kind(old) == COMPRESSED
+                new = (0 if unmap else old) | OFLAG_ZERO
+                if new != old:
+                    table[cluster - base] = new
+                    if unmap:
+                        self._release(old)
+                    changed = True
+            if changed:
+                self.l2cache.mark_dirty(l2_offset)
+            pos = table_end
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._require_writable()
+        bits = self.cluster_bits
+        async with self._lock:
+            pos, end = self._full_clusters(offset, offset + length)
+            while pos < end:
+                l1_index = (pos >> bits) // self.l2_entries
+                table_end = min(end, (l1_index + 1) * self.l2_span)
+                if not self._l2_offset(l1_index) and self.backing is None:
+                    pos = table_end  # nothing there, and nothing below to hide
+                    continue
+                l2_offset, table = await self._l2_for_write(l1_index)
+                base = l1_index * self.l2_entries
+                changed = False
+                for cluster in range(pos >> bits, (table_end + self.cluster_size - 1) >> bits):
+                    old = table[cluster - base]
+                    kind = entry_kind(old)
+                    if self.header.version >= 3:
+                        if self.backing is None and kind in (UNALLOCATED, ZERO_PLAIN):
+                            continue
+                        new = OFLAG_ZERO
+                    else:
+                        new = 0
+                    if new != old:
+                        table[cluster - base] = new
+                        self._release(old)
+                        changed = True
+                if changed:
+                    self.l2cache.mark_dirty(l2_offset)
+                pos = table_end
+
+    async def make_empty(self) -> None:
+        """Drop every cluster of this layer so that all of it reads from the backing file again."""
+        self._require_writable()
+        async with self._lock:
+            for l1_index in range(len(self.l1)):
+                l2_offset = self._l2_offset(l1_index)
+                if not l2_offset:
+                    continue
+                table = await self._l2(l2_offset)
+                changed = False
+                for i, old in enumerate(table):
+                    if old:
+                        self._release(old)
+                        table[i] = 0
+                        changed = True
+                if changed:
+                    self.l2cache.mark_dirty(l2_offset)
+            await self._flush_locked()
+
+    # -- write-back and flush --------------------------------------------------------------------
+
+    async def _writeback(self) -> None:
+        """Write cached metadata in the order that leaves only leaks after a crash."""
+        wrote_refcounts = await self.refcounts.write_dirty()
+        tables_written = False
+        if self.l2cache.dirty or self.l1_dirty:
+            if wrote_refcounts:
+                await self.file.flush()
+            wrote_l2 = await self.l2cache.write_dirty()
+            if self.l1_dirty:
+                if wrote_l2:
+                    await self.file.flush()
+                await self._write_l1()
+            tables_written = True
+        if self.refcounts.pending_free:
+            while self._inflight_reads:
+                await self._reads_idle.wait()
+            if tables_written:
+                await self.file.flush()
+            freed = await self.refcounts.apply_frees()
+            self._compressed_cache = None
+            for start, count in freed:
+                await self.file.discard(start << self.cluster_bits, count << self.cluster_bits)
+            await self.refcounts.write_dirty()
+
+    async def _write_l1(self) -> None:
+        for first, last in _runs(sorted(self.l1_dirty)):
+            data = table_to_bytes(self.l1[first : last + 1])
+            await self.file.write(self.header.l1_table_offset + first * 8, data)
+        self.l1_dirty.clear()
+
+    async def _flush_locked(self) -> None:
+        await self._writeback()
+        await self.file.flush()
+
+    async def flush(self) -> None:
+        if self.read_only or self.closed:
+            return
+        await self._settle_bitmap_tasks()
+        async with self._lock:
+            await self._flush_locked()
+
+    async def _write_header(self) -> None:
+        await self.file.write(0, self.header.encode())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        if not self.read_only:
+            await self._settle_bitmap_tasks()
+            async with self._lock:
+                await self._store_bitmaps()
+                await self._flush_locked()
+        self.closed = True
+        if "file" not in self.children:  # standalone: the children are ours; in a graph, the graph's
+            await self._file.close()
+            if self._backing is not None:
+                await self._backing.close()
+
+    # -- block status ----------------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """base:allocation over the whole chain: data anywhere is data, zero clusters read as holes."""
+        extents: list[Extent] = []
+        for guest, run, kind, _ in await self.layer_map(offset, length):
+            if kind == NORMAL or kind == COMPRESSED:
+                extents.append((run, DATA))
+            elif kind == UNALLOCATED and self.backing is not None and guest < self.backing.size:
+                inside = min(run, self.backing.size - guest)
+                extents.extend(await self.backing.block_status(guest, inside))
+                extents.append((run - inside, HOLE_ZERO))
+            else:
+                extents.append((run, HOLE_ZERO))
+        return merge_extents(extents)
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        extents: list[Extent] = []
+        for guest, run, kind, _ in await self.layer_map(offset, length):
+            if kind != UNALLOCATED:
+                extents.append((run, 1))
+            elif self.backing is not None and guest < self.backing.size:
+                inside = min(run, self.backing.size - guest)
+                below = await self.backing.allocation_depth(guest, inside)
+                extents.extend((n, depth + 1 if depth else 0) for n, depth in below)
+                extents.append((run - inside, 0))
+            else:
+                extents.append((run, 0))
+        return merge_extents(extents)
+
+    # -- persistent bitmaps ----------------------------------------------------------------------
+
+    @property
+    def can_store_bitmaps(self) -> bool:
+        return not self.read_only and self.header.version >= 3
+
+    def persistent_bitmaps(self) -> list[NodeBitmap]:
+        return [bitmap for bitmap in self.dirty_bitmaps.values() if bitmap.persistent]
+
+    def add_bitmap(self, name: str, granularity: int | None = None, enabled: bool = True) -> NodeBitmap:
+        """A new persistent bitmap, recording if ``enabled``; on disk (IN_USE) at the next flush."""
+        self._require_writable()
+        if not self.can_store_bitmaps:
+            raise BlockError(errno.ENOTSUP, "Cannot store dirty bitmaps in qcow2 v2 files")
+        if name in self.dirty_bitmaps:
+            raise BlockError(errno.EEXIST, f"Bitmap already exists: {name}")
+        if not name or len(name.encode()) > bm.MAX_NAME:
+            raise BlockError(errno.EINVAL, "bitmap names must be 1 to 1023 bytes long")
+        if len(self.persistent_bitmaps()) >= bm.MAX_BITMAPS:
+            raise BlockError(errno.ENOSPC, "too many bitmaps")
+        granularity = granularity or default_bitmap_granularity(self.cluster_size)
+        try:
+            check_granularity(granularity)
+        except ValueError as exc:
+            raise BlockError(errno.EINVAL, str(exc)) from None
+        bitmap = NodeBitmap(name, self.size, granularity, enabled=enabled, persistent=True)
+        self.dirty_bitmaps[name] = bitmap
+        self.bitmap_added(bitmap)
+        return bitmap
+
+    def remove_bitmap(self, name: str) -> None:
+        self._require_writable()
+        bitmap = self.dirty_bitmaps.pop(name, None)
+        if bitmap is None:
+            raise BlockError(errno.ENOENT, f"Dirty bitmap '{name}' not found")
+        if bitmap.persistent:
+            self.bitmap_removed(bitmap)
+
+    def bitmap_added(self, bitmap: NodeBitmap) -> None:
+        """A persistent bitmap joined ``dirty_bitmaps``: put it in the directory, IN_USE, soon."""
+        self._bitmaps_changed()
+
+    def bitmap_removed(self, bitmap: NodeBitmap) -> None:
+        self._bitmaps_changed()
+        self.bitmaps_found_in_use.discard(bitmap.name)
+
+    def _bitmaps_changed(self) -> None:
+        """Rewrite the directory in the background (callers are synchronous transaction commits)."""
+        if self.read_only or self.closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: stored on close
+        task = loop.create_task(self._store_bitmaps_now(in_use=True))
+        self._bitmap_tasks.add(task)
+        task.add_done_callback(self._bitmap_tasks.discard)
+
+    async def _store_bitmaps_now(self, in_use: bool) -> None:
+        async with self._lock:
+            if not self.closed:
+                await self._store_bitmaps(in_use)
+
+    async def _settle_bitmap_tasks(self) -> None:
+        while self._bitmap_tasks:
+            await asyncio.gather(*list(self._bitmap_tasks), return_exceptions=True)
+
+    def find_bitmap(self, name: str) -> NodeBitmap | None:
+        """The named bitmap of this node or, as qemu-nbd -B looks, of a node down the backing chain."""
+        node: BlockNode | None = self
+        while node is not None:
+            found = node.dirty_bitmaps.get(name)
+            if found is not None:
+                return found
+            node = getattr(node, "backing", None)
+        return None
+
+    async def _store_bitmaps(self, in_use: bool = False) -> None:
+        """Write every persistent bitmap to new clusters, switch the header to the new directory,
+        then free the old one. With ``in_use`` the entries stay IN_USE (the image remains open)."""
+        persistent = self.persistent_bitmaps()
+        if not persistent and not self.disk_bitmaps:
+            return
+        cs = self.cluster_size
+        zero_cluster = bytes(cs)
+        entries: list[tuple[bm.DirEntry, array]] = []
+        for bitmap in persistent:
+            dirty_bitmap = bitmap.bitmap
+            table_size = bm.table_entries_needed(self.size, dirty_bitmap.granularity, cs)
+            data = dirty_bitmap.to_bytes()
+            chunks = [data[j * cs : (j + 1) * cs] for j in range(table_size)]
+            dirty = [j for j, chunk in enumerate(chunks) if chunk and chunk != zero_cluster[: len(chunk)]]
+            table = array("Q", bytes(8 * table_size))
+            if dirty:
+                host = await self.refcounts.alloc(len(dirty))
+                payload = b"".join(chunks[j].ljust(cs, b"\0") for j in dirty)
+                await self.file.write(host, payload)
+                for k, j in enumerate(dirty):
+                    table[j] = host + k * cs
+            table_offset = await self.refcounts.alloc((table_size * 8 + cs - 1) // cs)
+            await self.file.write(table_offset, table_to_bytes(table))
+            gbits = dirty_bitmap.granularity.bit_length() - 1
+            flags = (bm.FLAG_AUTO if bitmap.enabled else 0) | (bm.FLAG_IN_USE if in_use else 0)
+            entries.append((bm.DirEntry(bitmap.name, table_offset, table_size, flags, gbits), table))
+        ext_data = None
+        directory_location = None
+        if entries:
+            directory = bm.encode_directory([entry for entry, _ in entries])
+            directory_offset = await self.refcounts.alloc((len(directory) + cs - 1) // cs)
+            await self.file.write(directory_offset, directory)
+            ext_data = bm.Extension(len(entries), len(directory), directory_offset).encode()
+            directory_location = (directory_offset, len(directory))
+        # everything the new directory names is on disk and counted before the header names it
+        await self._writeback()
+        await self.file.flush()
+        self.header.set_extension(EXT_BITMAPS, ext_data)
+        if ext_data:
+            self.header.autoclear_features |= AUTOCLEAR_BITMAPS
+        else:
+            self.header.autoclear_features &= ~AUTOCLEAR_BITMAPS
+        await self._write_header()
+        await self.file.flush()
+        for entry, table in self.disk_bitmaps:
+            self.refcounts.free_later(entry.table_offset // cs, (entry.table_size * 8 + cs - 1) // cs)
+            for cluster in bm.table_clusters(table, cs):
+                self.refcounts.free_later(cluster, 1)
+        if self._bitmap_directory:
+            offset, size = self._bitmap_directory
+            self.refcounts.free_later(offset // cs, (size + cs - 1) // cs)
+        self.disk_bitmaps = entries
+        self._bitmap_directory = directory_location
+        if not in_use:
+            self.bitmaps_found_in_use.clear()
+        await self._writeback()
