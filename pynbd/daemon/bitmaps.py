@@ -12,7 +12,7 @@ from typing import Any
 
 from pynbd.bitmap import DEFAULT_GRANULARITY, NodeBitmap, check_granularity
 from pynbd.daemon.core import Daemon
-from pynbd.daemon.registry import action, command
+from pynbd.daemon.registry import action, command_from_action
 from pynbd.graph.transaction import Transaction
 from pynbd.nodes.base import BlockNode
 from pynbd.qmp.protocol import QMPError
@@ -172,19 +172,6 @@ async def copy_action(daemon: Daemon, args: dict, tran: Transaction) -> None:
     _attach(node, copy, tran)
 
 
-def _single(action_name: str):
-    """The standalone command: a transaction of one action."""
-    from pynbd.daemon.registry import ACTIONS
-
-    entry = ACTIONS[action_name]
-
-    async def run(daemon: Daemon, args: dict) -> None:
-        with Transaction() as tran:
-            await entry.handler(daemon, args, tran)
-
-    command(action_name, entry.spec)(run)
-
-
 for _name in (
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
@@ -194,4 +181,4 @@ for _name in (
     "block-dirty-bitmap-merge",
     "block-dirty-bitmap-copy",
 ):
-    _single(_name)
+    command_from_action(_name)

@@ -54,3 +54,23 @@ def action(name: str, spec: Spec | None = None):
         return handler
 
     return register
+
+
+def command_from_action(name: str) -> None:
+    """Register the standalone QMP command of a transaction action: a transaction of one."""
+    from pynbd.graph.transaction import Transaction
+
+    entry = ACTIONS[name]
+
+    async def run(daemon: Daemon, args: dict) -> None:
+        tran = Transaction()
+        try:
+            follow_up = await entry.handler(daemon, args, tran)
+        except BaseException:
+            tran.abort()
+            raise
+        tran.commit()
+        if follow_up is not None:
+            await follow_up()
+
+    COMMANDS[name] = Command(name, entry.spec, run)

@@ -229,20 +229,35 @@ class BlockGraph:
         if own:
             tran.commit()
 
-    def replace_node(self, old: BlockNode, new: BlockNode, keep: Iterable[ChildLink] = ()) -> None:
+    def replace_node(
+        self, old: BlockNode, new: BlockNode, keep: Iterable[ChildLink] = (), tran: Transaction | None = None
+    ) -> None:
         """Re-point every parent link of ``old`` at ``new`` (inserting or removing a filter),
-        except the links in ``keep`` (e.g. the new filter's own link to ``old``)."""
+        except the links in ``keep`` (e.g. the new filter's own link to ``old``) and links whose
+        parent lies below ``new`` (moving those would make a cycle; qemu skips them too: an
+        overlay whose backing is the filtered disk keeps reading the disk itself)."""
         keep_ids = {id(link) for link in keep}
-        moving = [link for link in old.parents if id(link) not in keep_ids]
+        below_new = {id(n) for n in descendants(new)}
+        moving = [
+            link
+            for link in old.parents
+            if id(link) not in keep_ids and (link.is_root or id(link.parent) not in below_new)
+        ]
         frozen = [link for link in moving if link.frozen]
         if frozen:
             raise FrozenLinkError(f"Cannot change frozen link {frozen[0].describe()}")
-        with Transaction() as tran:
+        own = tran is None
+        tran = tran or Transaction()
+        try:
             for link in moving:
-                if not link.is_root and any(n is link.parent for n in descendants(new)):
-                    raise GraphError(f"re-pointing {link.describe()} to {new.node_name!r} would create a cycle")
                 self._repoint(tran, link, new)
             self.refresh_perms(tran, [new, old])
+        except BaseException:
+            if own:
+                tran.abort()
+            raise
+        if own:
+            tran.commit()
 
     # -- freezing -------------------------------------------------------------------------------
 

@@ -210,10 +210,11 @@ class Job:
         self.speed = speed
         self._rate_start, self._rate_bytes = time.monotonic(), 0
 
-    def cancel(self, force: bool = True) -> None:
+    def cancel(self, force: bool = False) -> None:
+        """Cancel; on a READY job without ``force`` this means "complete without pivot" (mirror)."""
         self.check_verb("cancel")
         self.cancelled = True
-        self.force_cancel = force
+        self.force_cancel = force or self.status not in (JobStatus.READY, JobStatus.STANDBY)
         self._cancel_event().set()
         self._resumed.set()
         self._complete_requested.set()

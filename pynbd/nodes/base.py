@@ -19,6 +19,7 @@ from pynbd.protocol.constants import State
 if TYPE_CHECKING:
     from pynbd.graph.core import ChildLink
     from pynbd.graph.transaction import Transaction
+    from pynbd.nodes.tracking import RequestTracker
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
 
@@ -55,6 +56,7 @@ class BlockNode(ABC):
         self.perm = Perm(0)
         self.shared = Perm.all()
         self.dirty_bitmaps: dict[str, NodeBitmap] = {}
+        self.tracker: RequestTracker | None = None  # set while serialising writes may happen
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Make every driver's write, write_zeroes and discard mark the node's dirty bitmaps.
@@ -68,6 +70,17 @@ class BlockNode(ABC):
             method = cls.__dict__.get(name)
             if method is not None and not getattr(method, "_marks_bitmaps", False):
                 setattr(cls, name, _marking(method, name == "write"))
+        reader = cls.__dict__.get("read_into")
+        if reader is not None and not getattr(reader, "_tracked", False):
+            cls.read_into = _tracked(reader)
+
+    async def serialising_write(self, offset: int, data, fua: bool = False) -> None:
+        """A write that overlapping reads of this node never straddle (see nodes/tracking.py)."""
+        if self.tracker is None:
+            await self.write(offset, data, fua)
+            return
+        async with self.tracker.serialising(offset, offset + len(data)):
+            await self.write(offset, data, fua)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps.values():
@@ -163,6 +176,18 @@ def _marking(method, has_data: bool):
         return await method(self, offset, arg, *args, **kwargs)
 
     wrapper._marks_bitmaps = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _tracked(method):
+    @functools.wraps(method)
+    async def wrapper(self, offset, buf, *args, **kwargs):
+        if self.tracker is None:
+            return await method(self, offset, buf, *args, **kwargs)
+        async with self.tracker.reading(offset, offset + len(buf)):
+            return await method(self, offset, buf, *args, **kwargs)
+
+    wrapper._tracked = True  # type: ignore[attr-defined]
     return wrapper
 
 

@@ -451,7 +451,7 @@ class ServerConnection:
         # Read every data extent before sending anything, so an I/O error becomes a clean
         # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
         df = bool(request.flags & CmdFlag.DF)
-        use_sendfile = node.can_sendfile and self.channel.supports_sendfile
+        use_sendfile = node.can_sendfile and node.tracker is None and self.channel.supports_sendfile
         pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
         pos = offset
         try:

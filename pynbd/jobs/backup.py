@@ -1,0 +1,195 @@
+"""The backup job (``blockdev-backup``): copy-before-write plus a background copy.
+
+At start a copy-before-write filter is put above the source (every user of the source now writes
+through it), so the target receives the data as it was at that instant. ``sync`` chooses what the
+background loop copies: nothing (``none``: fleecing, the target is read by others), every cluster
+(``full``), the clusters allocated in the top layer (``top``), or the clusters of a dirty bitmap
+(``bitmap``, ``incremental``). The bitmap gets a successor that records writes during the job;
+``bitmap-mode`` decides at the end whether the bitmap becomes the successor (abdicate) or takes
+it back (reclaim).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from pynbd.bitmap import DirtyBitmap, NodeBitmap
+from pynbd.graph.core import BlockGraph, GraphUser, descendants
+from pynbd.graph.perms import ALL, Perm
+from pynbd.jobs.core import Job
+from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.cbw import CopyBeforeWriteNode, CopyError
+from pynbd.nodes.tracking import RequestTracker
+
+log = logging.getLogger("pynbd.backup")
+
+SYNC_MODES = ("none", "full", "top", "incremental", "bitmap")
+ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+
+class BackupJob(Job):
+    job_type = "backup"
+
+    def __init__(
+        self,
+        job_id: str,
+        graph: BlockGraph,
+        source: BlockNode,
+        target: BlockNode,
+        sync: str,
+        bitmap: NodeBitmap | None = None,
+        bitmap_mode: str = "on-success",
+        filter_node_name: str | None = None,
+        on_source_error: str = "report",
+        on_target_error: str = "report",
+        **kwargs,
+    ) -> None:
+        super().__init__(job_id, **kwargs)
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self.sync = sync
+        self.bitmap = bitmap
+        self.bitmap_mode = bitmap_mode
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.device = source.node_name
+        self.user = GraphUser(job_id, "block-job", f"backup job {job_id!r}")
+        self.users = [self.user]
+        self.cbw = CopyBeforeWriteNode(filter_node_name or graph.auto_name())
+        self.cbw.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.copy_set: DirtyBitmap | None = None
+        self._links = []
+
+    # -- set-up (inside the QMP command or transaction) --------------------------------------------
+
+    def install(self, tran) -> None:
+        """Insert the filter above the source and take the bitmap; undone if ``tran`` aborts."""
+        if self.source.size != self.target.size:
+            raise BlockError(errno.EINVAL, "Source and target must have the same size")
+        graph = self.graph
+        graph.add_node(self.cbw)
+        tran.add(abort=lambda: graph.nodes.pop(self.cbw.node_name, None))
+        for name, child in (("file", self.source), ("target", self.target)):
+            link = graph.attach_child(self.cbw, name, child)
+            tran.add(abort=lambda lk=link: graph.detach(lk))
+        self.cbw.activate()
+        graph.replace_node(self.source, self.cbw, keep=[self.cbw.children["file"]], tran=tran)
+        for node in (self.cbw, self.target):
+            graph.attach_user(self.user, node, Perm(0), ALL)
+        tran.add(abort=self._drop_users)
+        if any(n is self.source for n in descendants(self.target)):  # fleecing: target reads through
+            self.target.tracker = RequestTracker()
+            tran.add(abort=lambda: setattr(self.target, "tracker", None))
+        if self.bitmap is not None:
+            self.bitmap.successor = DirtyBitmap(self.bitmap.bitmap.size, self.bitmap.granularity)
+            tran.add(abort=lambda: setattr(self.bitmap, "successor", None))
+        # the clusters the backup wants; copy-before-write only saves those
+        copy_set = DirtyBitmap(self.source.size, self.cbw.cluster_size)
+        if self.sync in ("full", "none", "top"):
+            copy_set.fill()
+        else:
+            copy_set.merge(self.bitmap.bitmap)
+        self.cbw.access = copy_set
+        self.copy_set = copy_set
+
+    def _drop_users(self) -> None:
+        for link in list(self.user.links):
+            self.graph.detach(link)
+
+    # -- work -----------------------------------------------------------------------------------
+
+    async def work(self) -> None:
+        if self.sync == "none":
+            self.total_progress = 0
+            await self._cancel_event().wait()  # fleecing: copy-before-write only, until cancelled
+            return
+        if self.sync == "top":
+            await self._drop_unallocated()
+        ranges = self.copy_set.dirty_ranges()
+        self.total_progress = sum(length for _, length in ranges)
+        cluster = self.cbw.cluster_size
+        for start, length in ranges:
+            for offset in range(start, start + length, cluster):
+                await self.checkpoint()
+                step = min(cluster, start + length - offset)
+                await self._copy_with_policy(offset, step)
+                self.current_progress += step
+                await self.checkpoint(step)
+
+    async def _drop_unallocated(self) -> None:
+        """sync=top: only clusters allocated in the source's own layer."""
+        offset = 0
+        for length, depth in await self.source.allocation_depth(0, self.source.size):
+            if depth != 1:
+                self.copy_set.reset_range(offset, length)
+            offset += length
+            await self.checkpoint()
+
+    async def _copy_with_policy(self, offset: int, length: int) -> None:
+        while True:
+            try:
+                await self.cbw.copy_range(offset, length)
+                return
+            except CopyError as exc:
+                policy = self.on_source_error if exc.operation == "read" else self.on_target_error
+                if policy == "enospc":
+                    policy = "stop" if exc.errno == errno.ENOSPC else "report"
+                action = {"auto": "report"}.get(policy, policy)
+                self._emit(
+                    "BLOCK_JOB_ERROR", {"device": self.id, "operation": exc.operation, "action": action}
+                )
+                if action == "ignore":
+                    return
+                if action == "report":
+                    raise
+                # stop: pause with an io-status, and retry the same cluster when resumed
+                self.io_status = "nospace" if exc.errno == errno.ENOSPC else "failed"
+                self._pause_count += 1
+                self._resumed.clear()
+                await self.checkpoint()
+                self.io_status = "ok"
+
+    # -- end ------------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        if self.bitmap is not None:
+            if self.bitmap_mode == "never":
+                self._reclaim()
+            else:
+                self._abdicate()
+
+    async def abort(self) -> None:
+        if self.bitmap is None:
+            return
+        if self.bitmap_mode == "always":
+            # what was not copied must stay dirty for the next backup
+            uncopied = self.copy_set.copy()
+            uncopied.bits &= ~self.cbw.done.bits
+            self._abdicate()
+            self.bitmap.bitmap.merge(uncopied)
+        else:
+            self._reclaim()
+
+    def _abdicate(self) -> None:
+        self.bitmap.bitmap, self.bitmap.successor = self.bitmap.successor, None
+
+    def _reclaim(self) -> None:
+        successor, self.bitmap.successor = self.bitmap.successor, None
+        self.bitmap.bitmap.merge(successor)
+
+    async def clean(self) -> None:
+        if self.bitmap is not None and self.bitmap.successor is not None:
+            self._reclaim()
+        self.target.tracker = None
+        self._drop_users()
+        if self.cbw.parents:
+            self.graph.replace_node(self.cbw, self.source)
+        for link in list(self.cbw.children.values()):
+            self.graph.detach(link)
+        self.graph.nodes.pop(self.cbw.node_name, None)
+        try:
+            await self.target.flush()
+        except (BlockError, OSError) as exc:
+            log.warning("backup %s: flushing the target failed: %s", self.id, exc)

@@ -1,0 +1,306 @@
+"""``copy-before-write``: a filter that saves old data to ``target`` before it is overwritten.
+
+It sits above the live disk (``file``); every write, zero and discard first copies the clusters it
+touches from ``file`` to ``target``, unless already copied. The clusters copied so far are the
+``done`` bitmap; the clusters the snapshot may still be read from are ``access`` (everything, or
+the clusters of the ``bitmap`` option). Readers of the point-in-time view go through
+:meth:`CopyBeforeWriteNode.snapshot_read` (used by ``snapshot-access``), and the backup job's
+background copy uses :meth:`copy_range`, so each cluster is copied exactly once.
+
+Concurrency: a per-cluster lock is held while a cluster is copied and while the guest write that
+caused it runs, and by snapshot reads of clusters not yet copied, so a reader never sees a
+cluster half-overwritten. Copies into a target that reads through to ``file`` (old-style fleecing)
+are serialising writes (see nodes/tracking.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+
+from pynbd.bitmap import DirtyBitmap
+from pynbd.graph.perms import ALL, PASSTHROUGH, Perm, Role
+from pynbd.nodes.base import DATA, BlockError, BlockNode, Extent, merge_extents
+
+log = logging.getLogger("pynbd.cbw")
+
+MIN_CLUSTER = 64 * 1024
+
+
+class CopyError(BlockError):
+    """A cluster copy failed; ``operation`` says whether reading the source or writing the target."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        err = getattr(cause, "errno", None) or errno.EIO
+        super().__init__(err, f"{operation} error during copy: {cause}")
+        self.operation = operation
+
+
+class CopyBeforeWriteNode(BlockNode):
+    driver = "copy-before-write"
+
+    def __init__(
+        self, node_name: str = "", on_cbw_error: str = "break-guest-write", access: DirtyBitmap | None = None
+    ) -> None:
+        super().__init__(node_name)
+        self.on_cbw_error = on_cbw_error
+        self._access_seed = access
+        self.cluster_size = MIN_CLUSTER
+        self.done: DirtyBitmap | None = None
+        self.access: DirtyBitmap | None = None
+        self.snapshot_error: BlockError | None = None
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._lock_users: dict[int, int] = {}
+
+    # -- graph ----------------------------------------------------------------------------------
+
+    def child_role(self, name: str) -> Role:
+        return Role.filtered() if name == "file" else Role.DATA
+
+    def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        if link.name == "target":
+            return Perm.WRITE, ALL & ~Perm.RESIZE
+        if not self.parents:
+            # Not in use yet (added, waiting for blockdev-insert-filter): claim nothing, so it can
+            # be prepared beside a disk that is being written.
+            return Perm.CONSISTENT_READ, ALL
+        # Nobody may write beneath the filter: writes that bypass it would not be copied first.
+        child_perm = (perm & PASSTHROUGH) | Perm.CONSISTENT_READ
+        child_shared = ((shared & PASSTHROUGH) | Perm.WRITE_UNCHANGED) & ~(Perm.WRITE | Perm.RESIZE)
+        return child_perm, child_shared
+
+    @property
+    def file(self) -> BlockNode:
+        return self.children["file"].node
+
+    @property
+    def target(self) -> BlockNode:
+        return self.children["target"].node
+
+    def activate(self) -> None:
+        """Called once both children are attached: size the bitmaps (the fleecing point is now)."""
+        if self.target.size != self.file.size:
+            raise BlockError(errno.EINVAL, "copy-before-write: file and target must have the same size")
+        target_cluster = getattr(self.target, "cluster_size", 0) or 0
+        self.cluster_size = max(MIN_CLUSTER, target_cluster)
+        self.done = DirtyBitmap(self.file.size, self.cluster_size)
+        self.access = DirtyBitmap(self.file.size, self.cluster_size)
+        if self._access_seed is None:
+            self.access.fill()
+        else:
+            self.access.merge(self._access_seed)
+
+    # -- cluster locks --------------------------------------------------------------------------
+
+    def _clusters(self, offset: int, length: int) -> range:
+        first = offset // self.cluster_size
+        last = (offset + length + self.cluster_size - 1) // self.cluster_size
+        return range(first, last)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, clusters: range):
+        taken = []
+        try:
+            for index in clusters:  # ascending order: no two requests can deadlock
+                lock = self._locks.setdefault(index, asyncio.Lock())
+                self._lock_users[index] = self._lock_users.get(index, 0) + 1
+                taken.append(index)
+                await lock.acquire()
+            yield
+        finally:
+            for index in taken:
+                lock = self._locks[index]
+                if lock.locked():
+                    lock.release()
+                self._lock_users[index] -= 1
+                if not self._lock_users[index]:
+                    del self._lock_users[index]
+                    del self._locks[index]
+
+    def _needs_copy(self, index: int) -> bool:
+        return bool(self.access.bits[index]) and not self.done.bits[index]
+
+    async def _copy_cluster(self, index: int) -> int:
+        """Copy one cluster file -> target (lock held by the caller); returns bytes copied."""
+        offset = index * self.cluster_size
+        length = min(self.cluster_size, self.file.size - offset)
+        try:
+            status = await self.file.block_status(offset, length)
+            zero = len(status) == 1 and status[0][1] & 2  # reads as zeroes: no need to move bytes
+            buf = None
+            if not zero:
+                buf = bytearray(length)
+                await self.file.read_into(offset, memoryview(buf))
+        except (BlockError, OSError) as exc:
+            raise CopyError("read", exc) from exc
+        try:
+            if zero:
+                await self.target.write_zeroes(offset, length, may_trim=True)
+            else:
+                await self.target.serialising_write(offset, buf)
+        except (BlockError, OSError) as exc:
+            raise CopyError("write", exc) from exc
+        self.done.bits[index] = 1
+        return length
+
+    async def copy_range(self, offset: int, length: int) -> int:
+        """Make sure every accessible cluster of the range is in the target (background copy)."""
+        copied = 0
+        for index in self._clusters(offset, length):
+            if self._needs_copy(index):
+                async with self._locked(range(index, index + 1)):
+                    if self._needs_copy(index):
+                        copied += await self._copy_cluster(index)
+        return copied
+
+    async def _before_write(self, offset: int, length: int) -> None:
+        if self.done is None or self.snapshot_error is not None:
+            return
+        for index in self._clusters(offset, length):
+            if self._needs_copy(index):
+                try:
+                    await self._copy_cluster(index)
+                except (BlockError, OSError) as exc:
+                    err = exc.errno if isinstance(exc, OSError) else exc.errno
+                    if self.on_cbw_error == "break-snapshot":
+                        log.warning("copy-before-write failed, snapshot broken: %s", exc)
+                        self.snapshot_error = BlockError(errno.EACCES, f"snapshot broken: {exc}")
+                        return
+                    raise BlockError(err or errno.EIO, f"copy-before-write failed: {exc}") from exc
+
+    # -- the filter's own I/O (the live disk's users) ---------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.file.read_into(offset, buf)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        async with self._locked(self._clusters(offset, len(data))):
+            await self._before_write(offset, len(data))
+            await self.file.write(offset, data, fua)
+
+    async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
+        async with self._locked(self._clusters(offset, length)):
+            await self._before_write(offset, length)
+            await self.file.write_zeroes(offset, length, may_trim, fua, fast)
+
+    async def discard(self, offset: int, length: int) -> None:
+        async with self._locked(self._clusters(offset, length)):
+            await self._before_write(offset, length)
+            await self.file.discard(offset, length)
+
+    async def flush(self) -> None:
+        await self.file.flush()
+        await self.target.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.file.block_status(offset, length)
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        return await self.file.allocation_depth(offset, length)
+
+    async def close(self) -> None:
+        pass
+
+    # -- the snapshot API (snapshot-access) ------------------------------------------------------
+
+    def _check_snapshot(self, offset: int, length: int) -> None:
+        if self.snapshot_error is not None:
+            raise self.snapshot_error
+        if self.access is None:
+            raise BlockError(errno.EIO, "copy-before-write filter is not active")
+        for index in self._clusters(offset, length):
+            if not self.access.bits[index]:
+                raise BlockError(errno.EACCES, "snapshot region was discarded or is outside the bitmap")
+
+    async def snapshot_read(self, offset: int, buf: memoryview) -> None:
+        self._check_snapshot(offset, len(buf))
+        pos = 0
+        for index in self._clusters(offset, len(buf)):
+            start = max(offset + pos, index * self.cluster_size)
+            end = min(offset + len(buf), (index + 1) * self.cluster_size)
+            piece = buf[start - offset : end - offset]
+            if self.done.bits[index]:
+                await self.target.read_into(start, piece)
+            else:
+                async with self._locked(range(index, index + 1)):
+                    source = self.target if self.done.bits[index] else self.file
+                    await source.read_into(start, piece)
+            pos = end - offset
+
+    async def snapshot_block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check_snapshot(offset, length)
+        extents: list[Extent] = []
+        for index in self._clusters(offset, length):
+            start = max(offset, index * self.cluster_size)
+            end = min(offset + length, (index + 1) * self.cluster_size)
+            source = self.target if self.done.bits[index] else self.file
+            extents += await source.block_status(start, end - start)
+        return merge_extents(extents)
+
+    async def snapshot_discard(self, offset: int, length: int) -> None:
+        """The reader is done with this range: stop copying it and free it in the target."""
+        first = (offset + self.cluster_size - 1) // self.cluster_size
+        end = min(offset + length, self.size)
+        last = self.access.bits.__len__() if end == self.size else end // self.cluster_size
+        for index in range(first, last):
+            async with self._locked(range(index, index + 1)):
+                self.access.bits[index] = 0
+                if self.done.bits[index]:
+                    start = index * self.cluster_size
+                    await self.target.discard(start, min(self.cluster_size, self.size - start))
+
+
+class SnapshotAccessNode(BlockNode):
+    """``snapshot-access``: the point-in-time view of a copy-before-write filter, read-only."""
+
+    driver = "snapshot-access"
+
+    def child_role(self, name: str) -> Role:
+        return Role.filtered()
+
+    def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        return Perm(0), ALL
+
+    @property
+    def cbw(self) -> CopyBeforeWriteNode:
+        node = self.children["file"].node
+        if not isinstance(node, CopyBeforeWriteNode):
+            raise BlockError(errno.EINVAL, "snapshot-access needs a copy-before-write node as its file")
+        return node
+
+    @property
+    def size(self) -> int:
+        return self.cbw.size
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.cbw.snapshot_read(offset, buf)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        raise BlockError(errno.ENOTSUP, "snapshot-access is read-only")
+
+    async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
+        raise BlockError(errno.ENOTSUP, "snapshot-access is read-only")
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.cbw.snapshot_discard(offset, length)
+
+    async def flush(self) -> None:
+        pass
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.cbw.snapshot_block_status(offset, length)
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        return [(length, 1)]
+
+    async def close(self) -> None:
+        pass
+
+
+__all__ = ["CopyBeforeWriteNode", "SnapshotAccessNode", "DATA"]
