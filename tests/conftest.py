@@ -79,3 +79,11 @@ def start_daemon(workdir):
     yield starter
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory):
+    """X.509 credentials in qemu's layout (tests/tls_certs.py), built once per test session (per xdist worker)."""
+    from tests.tls_certs import make_credentials
+
+    return make_credentials(tmp_path_factory.mktemp("tls"))
