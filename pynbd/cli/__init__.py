@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from pynbd.cli import daemon, serve
+from pynbd.cli import copy, daemon, info, serve
 
-COMMANDS = [serve, daemon]
+COMMANDS = [serve, daemon, info, copy]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,7 @@ class Client:
         self.uri: NBDURI | None = None
         self.opt_mode = False
         self._no_zeroes = False
+        self._in_options = False  # fixed-newstyle option haggling: leave with NBD_OPT_ABORT
         self._structured_requested = False
         self._structured = False
         self._tls = False
@@ -277,6 +278,7 @@ class Client:
             await self._export_name(export)
             return
         self._protocol = "newstyle-fixed"
+        self._in_options = True
         if tls != "off":
             await self._starttls(tls, tls_context, server_hostname)
         self._structured_requested = structured
@@ -395,6 +397,7 @@ class Client:
     async def opt_abort(self) -> None:
         """NBD_OPT_ABORT and close: the polite way to leave during negotiation."""
         self._need_opt_mode()
+        self._in_options = False
         try:
             await self.channel.send([OptionRequest(Opt.ABORT).encode()])
             await asyncio.wait_for(self.reader.readexactly(OPTION_REPLY_HEADER.size), 5.0)
@@ -403,6 +406,7 @@ class Client:
         await self.close()
 
     async def _export_name(self, export: str, contexts: dict[str, int] | None = None) -> None:
+        self._in_options = False  # no way back: the server answers or hangs up
         await self.channel.send([OptionRequest(Opt.EXPORT_NAME, export.encode()).encode()])
         try:
             reply = await self.reader.readexactly(export_name_reply_size(self._no_zeroes))
@@ -412,6 +416,7 @@ class Client:
         self._finish_negotiation(ExportInfo(name=export, size=size, flags=flags), contexts or {})
 
     def _finish_negotiation(self, info: ExportInfo, contexts: dict[str, int]) -> None:
+        self._in_options = False
         info.flags = sanitize_transmission_flags(info.flags, self._structured)
         self.negotiated = Negotiated(self._protocol, info, self._structured, self._tls, dict(contexts))
         self._context_names = {cid: name for name, cid in contexts.items()}
@@ -834,6 +839,12 @@ class Client:
 
     async def close(self) -> None:
         """Close at once, failing whatever is still pending."""
+        if self._in_options and self._dead is None:  # still negotiating: say goodbye properly
+            self._in_options = False
+            try:
+                await asyncio.wait_for(self.channel.send([OptionRequest(Opt.ABORT).encode()]), 1.0)
+            except (OSError, TimeoutError, ssl.SSLError):
+                pass
         if self._reader_task is not None and not self._reader_task.done():
             self._reader_task.cancel()
             await asyncio.gather(self._reader_task, return_exceptions=True)
