@@ -56,6 +56,10 @@ class FileNode(BlockNode):
     def size(self) -> int:
         return self._size
 
+    def refresh_size(self) -> None:
+        """Re-read the size after the file was changed by other means (image creation)."""
+        self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else os.fstat(self.fd).st_size
+
     async def read_into(self, offset: int, buf: memoryview) -> None:
         await asyncio.to_thread(self._read_into, offset, buf)
 
