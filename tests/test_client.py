@@ -280,6 +280,19 @@ def test_many_requests_in_flight_overlap_latency(start_nbdkit):
     assert elapsed < 6, f"8 reads with 1 s latency took {elapsed:.1f} s: not in flight together"
 
 
+def test_a_request_given_up_on_does_not_break_the_connection(start_nbdkit):
+    server = start_nbdkit("--filter=delay", "memory", "1M", "rdelay=1")
+
+    async def main():
+        async with await connect(server.uri) as c:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(c.pread(4096, 0), 0.2)  # its reply arrives later and is dropped
+            await c.pwrite(b"after", 8192)
+            return await c.pread(5, 8192)
+
+    assert asyncio.run(main()) == b"after"
+
+
 @pytest.mark.parametrize(
     "args, protocol, structured",
     [

@@ -444,13 +444,19 @@ class Client:
             cookie = next(self._cookies)
             future = asyncio.get_running_loop().create_future()
             pending = _Pending(cmd, offset, length, future, buffer)
-            self._pending[cookie] = pending
             header = encode_request(flags, cmd, cookie, offset, length)
-            try:
-                async with self._send_lock:
+            async with self._send_lock:
+                if self._dead is not None:
+                    raise NBDConnectionError(f"connection is closed: {self._dead}") from self._dead
+                self._pending[cookie] = pending
+                try:
                     await self.channel.send([header, payload] if payload is not None else [header])
-            except (OSError, ssl.SSLError) as exc:
-                self._fail(NBDConnectionError(f"sending to the server failed: {exc}"))
+                except asyncio.CancelledError:
+                    # part of the request may be on the wire: the stream cannot be trusted any more
+                    self._fail(NBDConnectionError("a request was cancelled while it was being sent"))
+                    raise
+                except (OSError, ssl.SSLError) as exc:
+                    self._fail(NBDConnectionError(f"sending to the server failed: {exc}"))
             await future
             return pending
         finally:
