@@ -17,6 +17,7 @@ from collections.abc import Sequence
 Buffer = bytes | bytearray | memoryview
 READ_CHUNK = 256 * 1024
 UNIX_SNDBUF = 4 * 1024 * 1024
+SMALL_READ = 4096  # reads up to this size are served from the receive buffer
 
 
 class ConnectionClosed(ConnectionError):
@@ -240,7 +241,18 @@ class BufferedReader:
         return data
 
     async def readinto(self, view: memoryview) -> None:
-        """Fill ``view`` completely."""
+        """Fill ``view`` completely.
+
+        Small reads (request headers) go through the receive buffer, so one system call brings in
+        every header a pipelining client has sent; large payloads bypass it after what is buffered.
+        """
+        if len(view) <= SMALL_READ:
+            while self._end - self._start < len(view):
+                if len(self._buf) - self._start < len(view):
+                    pending = self._end - self._start
+                    self._view[:pending] = self._view[self._start : self._end]
+                    self._start, self._end = 0, pending
+                await self._fill()
         have = min(self._end - self._start, len(view))
         if have:
             view[:have] = self._view[self._start : self._start + have]

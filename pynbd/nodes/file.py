@@ -23,6 +23,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 ZERO_BUFFER = bytes(1024 * 1024)
+NOWAIT_LIMIT = 256 * 1024  # larger reads go to a thread anyway: copying them would stall the loop
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -61,6 +63,18 @@ class FileNode(BlockNode):
         self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else os.fstat(self.fd).st_size
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
+        # Page-cache hits are served at once (RWF_NOWAIT fails with EAGAIN rather than block);
+        # only what must come from the disk goes to a worker thread.
+        if len(buf) <= NOWAIT_LIMIT and _RWF_NOWAIT:
+            try:
+                n = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
+                if n == len(buf):
+                    return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
         await asyncio.to_thread(self._read_into, offset, buf)
 
     def _read_into(self, offset: int, buf: memoryview) -> None:

@@ -46,6 +46,7 @@ log = logging.getLogger("pynbd.server")
 
 MAX_IN_FLIGHT = 64  # requests of one connection being served at once (bounds memory)
 MAX_EXTENTS = 128 * 1024  # descriptors per block-status chunk, as qemu caps it
+SMALL_READ = 64 * 1024  # reads up to this size are answered from a buffer, in one data chunk
 HANDSHAKE_TIMEOUT = 60.0
 
 # Host errno -> NBD error, as qemu maps them (anything else becomes EINVAL... or EIO for I/O)
@@ -444,14 +445,18 @@ class ServerConnection:
         if length == 0:
             await self._send([encode_none_chunk(cookie)])
             return
-        if request.flags & CmdFlag.DF:
+        if request.flags & CmdFlag.DF or length <= SMALL_READ:
+            # Small reads: one data chunk, no allocation lookup (two lseeks cost more than the
+            # zeroes they might save) and no sendfile (one sendmsg beats header + sendfile).
             extents = [(length, 0)]
         else:
             extents = await node.block_status(offset, length)
         # Read every data extent before sending anything, so an I/O error becomes a clean
         # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
         df = bool(request.flags & CmdFlag.DF)
-        use_sendfile = node.can_sendfile and node.tracker is None and self.channel.supports_sendfile
+        use_sendfile = (
+            length > SMALL_READ and node.can_sendfile and node.tracker is None and self.channel.supports_sendfile
+        )
         pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
         pos = offset
         try:
