@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from pynbd.cli import copy, daemon, info, serve
+from pynbd.cli import copy, daemon, img, info, serve
 
-COMMANDS = [serve, daemon, info, copy]
+COMMANDS = [serve, daemon, info, copy, img]
 
 
 def main(argv: list[str] | None = None) -> int:

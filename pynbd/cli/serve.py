@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -11,8 +12,8 @@ import socket
 import sys
 
 from pynbd.nodes.base import BlockError, BlockNode
-from pynbd.nodes.file import FileNode, check_raw_file
 from pynbd.nodes.memory import MemoryNode
+from pynbd.nodes.open import FORMATS, open_image
 from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.protocol.negotiation import TLSMode
 from pynbd.server.export import Export, ExportRegistry
@@ -28,9 +29,21 @@ SD_LISTEN_FDS_START = 3
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a disk over NBD", description=__doc__)
-    p.add_argument("file", nargs="?", metavar="FILE", help="raw image or block device (default: in-memory disk)")
+    p.add_argument(
+        "file", nargs="?", metavar="FILE", help="raw or qcow2 image, or block device (default: in-memory disk)"
+    )
     p.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G)")
     p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument("-f", "--format", choices=FORMATS, help="image format (default: probed, as qemu-nbd)")
+    p.add_argument(
+        "-B",
+        "--bitmap",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="export the image's dirty bitmap NAME as qemu:dirty-bitmap:NAME (repeatable; qemu-nbd -B)",
+    )
+    p.add_argument("-A", "--allocation-depth", action="store_true", help="export qemu:allocation-depth (qemu-nbd -A)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
     where.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 127.0.0.1)")
@@ -48,13 +61,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def open_node(args: argparse.Namespace) -> BlockNode:
+async def open_node(args: argparse.Namespace) -> BlockNode:
     if args.file and args.memory:
         raise SystemExit("pynbd serve: give FILE or --memory, not both")
     if args.file:
-        check_raw_file(args.file)
-        return FileNode(args.file, read_only=args.read_only, node_name="disk")
+        return await open_image(args.file, args.format, read_only=args.read_only, node_name="disk")
     return MemoryNode(parse_size(args.memory or DEFAULT_MEMORY_SIZE), node_name="disk")
+
+
+def add_contexts(export: Export, node: BlockNode, args: argparse.Namespace) -> None:
+    """-A and -B: the bitmap is looked up down the backing chain, as qemu-nbd does."""
+    if args.allocation_depth:
+        export.add_allocation_depth()
+    for name in args.bitmap:
+        current: BlockNode | None = node
+        while current is not None and name not in current.dirty_bitmaps:
+            current = getattr(current, "backing", None)
+        if current is None:
+            raise BlockError(errno.ENOENT, f"Bitmap '{name}' is not found")
+        export.add_bitmap(name, current.dirty_bitmaps[name])
 
 
 def activation_socket() -> socket.socket | None:
@@ -83,8 +108,13 @@ async def serve(args: argparse.Namespace) -> int:
         if not args.tls_creds:
             raise TLSConfigError("--tls needs --tls-creds DIR")
         tls_context = server_context(args.tls_creds, verify_peer=args.tls_verify_peer)
-    node = open_node(args)
-    export = Export(args.export_name, node, description=args.description, read_only=args.read_only)
+    node = await open_node(args)
+    try:
+        export = Export(args.export_name, node, description=args.description, read_only=args.read_only)
+        add_contexts(export, node, args)
+    except BaseException:
+        await node.close()
+        raise
     server = NBDServer(
         ExportRegistry([export]),
         ServerConfig(tls_mode=tls_mode, tls_context=tls_context, max_connections=args.shared),

@@ -28,6 +28,7 @@ from array import array
 
 from pynbd.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, NodeBitmap, check_granularity
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
+from pynbd.protocol.constants import State
 from pynbd.qcow2 import bitmaps as bm
 from pynbd.qcow2.l2cache import L2Cache
 from pynbd.qcow2.layout import (
@@ -62,6 +63,7 @@ ZERO_ALLOC = 2
 NORMAL = 3
 COMPRESSED = 4
 
+ZERO_DATA = int(State.ZERO)  # allocated, but reads as zeroes
 MAX_ALLOC_RUN = 32 << 20  # bytes allocated and written in one go by a large write
 _ZEROS = bytes(1 << 20)
 
@@ -685,8 +687,10 @@ class Qcow2Node(BlockNode):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation over the whole chain: data anywhere is data, zero clusters read as holes."""
         extents: list[Extent] = []
-        for guest, run, kind, _ in await self.layer_map(offset, length):
-            if kind == NORMAL or kind == COMPRESSED:
+        for guest, run, kind, host in await self.layer_map(offset, length):
+            if kind == NORMAL:
+                extents.extend(await self.host_status(host, run))
+            elif kind == COMPRESSED:
                 extents.append((run, DATA))
             elif kind == UNALLOCATED and self.backing is not None and guest < self.backing.size:
                 inside = min(run, self.backing.size - guest)
@@ -695,6 +699,12 @@ class Qcow2Node(BlockNode):
             else:
                 extents.append((run, HOLE_ZERO))
         return merge_extents(extents)
+
+    async def host_status(self, host: int, length: int) -> list[Extent]:
+        """Data clusters whose host range is a hole in the file read as zeroes (qemu asks the file
+        too and reports such ranges as ZERO, still allocated)."""
+        extents = await self.file.block_status(host, length)
+        return [(n, ZERO_DATA if flags & int(State.ZERO) else DATA) for n, flags in extents]
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         extents: list[Extent] = []
