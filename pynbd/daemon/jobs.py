@@ -6,7 +6,8 @@ from __future__ import annotations
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
 from pynbd.graph.transaction import Transaction
-from pynbd.jobs.backup import ERROR_POLICIES, SYNC_MODES, BackupJob
+from pynbd.jobs.backup import SYNC_MODES, BackupJob
+from pynbd.jobs.copy import ERROR_POLICIES
 from pynbd.jobs.core import Job, JobError
 from pynbd.qmp.protocol import QMPError
 

@@ -17,15 +17,15 @@ import logging
 from pynbd.bitmap import DirtyBitmap, NodeBitmap
 from pynbd.graph.core import BlockGraph, GraphUser, descendants
 from pynbd.graph.perms import ALL, Perm
+from pynbd.jobs.copy import CopyEngine
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockError, BlockNode
-from pynbd.nodes.cbw import CopyBeforeWriteNode, CopyError
+from pynbd.nodes.cbw import CopyBeforeWriteNode
 from pynbd.nodes.tracking import RequestTracker
 
 log = logging.getLogger("pynbd.backup")
 
 SYNC_MODES = ("none", "full", "top", "incremental", "bitmap")
-ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
 
 
 class BackupJob(Job):
@@ -109,14 +109,10 @@ class BackupJob(Job):
             await self._drop_unallocated()
         ranges = self.copy_set.dirty_ranges()
         self.total_progress = sum(length for _, length in ranges)
-        cluster = self.cbw.cluster_size
-        for start, length in ranges:
-            for offset in range(start, start + length, cluster):
-                await self.checkpoint()
-                step = min(cluster, start + length - offset)
-                await self._copy_with_policy(offset, step)
-                self.current_progress += step
-                await self.checkpoint(step)
+        engine = CopyEngine(
+            self, self.cbw.copy_range, self.on_source_error, self.on_target_error, chunk=self.cbw.cluster_size
+        )
+        await engine.run(ranges)
 
     async def _drop_unallocated(self) -> None:
         """sync=top: only clusters allocated in the source's own layer."""
@@ -126,30 +122,6 @@ class BackupJob(Job):
                 self.copy_set.reset_range(offset, length)
             offset += length
             await self.checkpoint()
-
-    async def _copy_with_policy(self, offset: int, length: int) -> None:
-        while True:
-            try:
-                await self.cbw.copy_range(offset, length)
-                return
-            except CopyError as exc:
-                policy = self.on_source_error if exc.operation == "read" else self.on_target_error
-                if policy == "enospc":
-                    policy = "stop" if exc.errno == errno.ENOSPC else "report"
-                action = {"auto": "report"}.get(policy, policy)
-                self._emit(
-                    "BLOCK_JOB_ERROR", {"device": self.id, "operation": exc.operation, "action": action}
-                )
-                if action == "ignore":
-                    return
-                if action == "report":
-                    raise
-                # stop: pause with an io-status, and retry the same cluster when resumed
-                self.io_status = "nospace" if exc.errno == errno.ENOSPC else "failed"
-                self._pause_count += 1
-                self._resumed.clear()
-                await self.checkpoint()
-                self.io_status = "ok"
 
     # -- end ------------------------------------------------------------------------------------
 

@@ -183,6 +183,14 @@ class Job:
             self._cancel_evt = asyncio.Event()
         return self._cancel_evt
 
+    async def stop_on_error(self, io_status: str) -> None:
+        """The ``stop`` error policy: pause with an io-status until resumed, then carry on."""
+        self.io_status = io_status
+        self._pause_count += 1
+        self._resumed.clear()
+        await self.checkpoint()
+        self.io_status = "ok"
+
     def pause(self) -> None:
         self.check_verb("pause")
         self._pause_count += 1

@@ -22,20 +22,12 @@ import logging
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.graph.perms import ALL, PASSTHROUGH, Perm, Role
+from pynbd.jobs.copy import copy_chunk
 from pynbd.nodes.base import DATA, BlockError, BlockNode, Extent, merge_extents
 
 log = logging.getLogger("pynbd.cbw")
 
 MIN_CLUSTER = 64 * 1024
-
-
-class CopyError(BlockError):
-    """A cluster copy failed; ``operation`` says whether reading the source or writing the target."""
-
-    def __init__(self, operation: str, cause: BaseException) -> None:
-        err = getattr(cause, "errno", None) or errno.EIO
-        super().__init__(err, f"{operation} error during copy: {cause}")
-        self.operation = operation
 
 
 class CopyBeforeWriteNode(BlockNode):
@@ -126,22 +118,7 @@ class CopyBeforeWriteNode(BlockNode):
         """Copy one cluster file -> target (lock held by the caller); returns bytes copied."""
         offset = index * self.cluster_size
         length = min(self.cluster_size, self.file.size - offset)
-        try:
-            status = await self.file.block_status(offset, length)
-            zero = len(status) == 1 and status[0][1] & 2  # reads as zeroes: no need to move bytes
-            buf = None
-            if not zero:
-                buf = bytearray(length)
-                await self.file.read_into(offset, memoryview(buf))
-        except (BlockError, OSError) as exc:
-            raise CopyError("read", exc) from exc
-        try:
-            if zero:
-                await self.target.write_zeroes(offset, length, may_trim=True)
-            else:
-                await self.target.serialising_write(offset, buf)
-        except (BlockError, OSError) as exc:
-            raise CopyError("write", exc) from exc
+        await copy_chunk(self.file, self.target, offset, length, serialising=True)
         self.done.bits[index] = 1
         return length
 

@@ -1,0 +1,135 @@
+"""The one copy engine of backup, mirror, commit and stream.
+
+:func:`copy_chunk` moves one range from a source node to a target node: ranges that read as
+zeroes become write-zeroes (the target stays sparse), data is read into a buffer and written.
+:class:`CopyEngine` runs many chunks at once, applies the job's speed limit and pause/cancel
+points, and the ``on-source-error``/``on-target-error`` policies (report, ignore, stop, enospc).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable, Iterable
+
+from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.protocol.constants import State
+
+DEFAULT_CHUNK = 1024 * 1024
+DEFAULT_WORKERS = 8
+ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+
+class CopyError(BlockError):
+    """A copy failed; ``operation`` says whether reading the source or writing the target."""
+
+    def __init__(self, operation: str, cause: BaseException) -> None:
+        err = getattr(cause, "errno", None) or errno.EIO
+        super().__init__(err, f"{operation} error during copy: {cause}")
+        self.operation = operation
+
+
+async def copy_chunk(
+    source: BlockNode,
+    target: BlockNode,
+    offset: int,
+    length: int,
+    *,
+    serialising: bool = False,
+    target_is_zero: bool = False,
+) -> int:
+    """Copy ``[offset, offset+length)``; returns the bytes examined. Raises :class:`CopyError`."""
+    pos, end = offset, offset + length
+    try:
+        extents = await source.block_status(offset, length)
+    except (BlockError, OSError) as exc:
+        raise CopyError("read", exc) from exc
+    for ext_len, state in extents:
+        piece = min(ext_len, end - pos)
+        if state & State.ZERO:
+            if not target_is_zero:
+                try:
+                    await target.write_zeroes(pos, piece, may_trim=True)
+                except (BlockError, OSError) as exc:
+                    raise CopyError("write", exc) from exc
+        else:
+            buf = bytearray(piece)
+            try:
+                await source.read_into(pos, memoryview(buf))
+            except (BlockError, OSError) as exc:
+                raise CopyError("read", exc) from exc
+            try:
+                if serialising:
+                    await target.serialising_write(pos, buf)
+                else:
+                    await target.write(pos, buf)
+            except (BlockError, OSError) as exc:
+                raise CopyError("write", exc) from exc
+        pos += piece
+    return length
+
+
+class CopyEngine:
+    """Runs a job's copies: ``copy`` is the per-chunk operation (default :func:`copy_chunk`)."""
+
+    def __init__(
+        self,
+        job,
+        copy: Callable[[int, int], object],
+        on_source_error: str = "report",
+        on_target_error: str = "report",
+        chunk: int = DEFAULT_CHUNK,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self.job = job
+        self.copy = copy
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.chunk = chunk
+        self.workers = workers
+
+    @staticmethod
+    def chunks(ranges: Iterable[tuple[int, int]], chunk: int):
+        for start, length in ranges:
+            for offset in range(start, start + length, chunk):
+                yield offset, min(chunk, start + length - offset)
+
+    async def run(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Copy every range, ``workers`` chunks at a time; progress goes to the job."""
+        pending = iter(self.chunks(ranges, self.chunk))
+        failure: list[BaseException] = []
+
+        async def worker() -> None:
+            for offset, length in pending:
+                if failure:
+                    return
+                try:
+                    await self.job.checkpoint()
+                    await self.copy_with_policy(offset, length)
+                    self.job.current_progress += length
+                    await self.job.checkpoint(length)
+                except BaseException as exc:
+                    failure.append(exc)
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(self.workers)))
+        if failure:
+            raise failure[0]
+
+    async def copy_with_policy(self, offset: int, length: int) -> None:
+        job = self.job
+        while True:
+            try:
+                await self.copy(offset, length)
+                return
+            except CopyError as exc:
+                policy = self.on_source_error if exc.operation == "read" else self.on_target_error
+                if policy == "enospc":
+                    policy = "stop" if exc.errno == errno.ENOSPC else "report"
+                action = "report" if policy == "auto" else policy
+                job._emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": exc.operation, "action": action})
+                if action == "ignore":
+                    return
+                if action == "report":
+                    raise
+                await job.stop_on_error("nospace" if exc.errno == errno.ENOSPC else "failed")
