@@ -1,16 +1,14 @@
 """The client's STARTTLS against nbdkit, qemu-nbd and pynbd with freshly generated certificates.
 
-The certificates are made here with openssl in the layout qemu, nbdkit and libnbd share
-(ca-cert.pem, server-cert.pem, server-key.pem). tests/tls_certs.py (another change in flight)
-is meant to provide a shared session fixture for this; until it exists, this file carries its
-own small generator.
+The certificates come from the session fixture ``tls_certs`` (tests/tls_certs.py): one directory
+in the layout qemu, nbdkit and libnbd share, one with only the CA (what a client needs), and one
+trusting another CA.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,48 +21,20 @@ pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(directory: Path, common_name: str = "pynbd test CA") -> Path:
-    """A CA and a server certificate for localhost / 127.0.0.1, signed by it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={common_name}",
-        "-keyout", "ca-key.pem", "-out", "ca-cert.pem", cwd=directory,
-    )  # fmt: skip
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", "server-key.pem", "-out", "server.csr", cwd=directory,
-    )  # fmt: skip
-    (directory / "server.ext").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-        "-days", "2", "-extfile", "server.ext", "-out", "server-cert.pem", cwd=directory,
-    )  # fmt: skip
-    os.chmod(directory / "server-key.pem", 0o600)
-    return directory
+@pytest.fixture(scope="session")
+def pki(tls_certs) -> Path:
+    return tls_certs.dir
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="session")
-def client_pki(pki, tmp_path_factory) -> Path:
+def client_pki(tls_certs) -> Path:
     """What a client needs: only the CA certificate."""
-    directory = tmp_path_factory.mktemp("client-pki")
-    (directory / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
-    return directory
+    return tls_certs.ca_only_dir
 
 
 @pytest.fixture(scope="session")
-def other_pki(tmp_path_factory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("other-pki"), "some other CA")
+def other_pki(tls_certs) -> Path:
+    return tls_certs.other_ca_dir
 
 
 def tls_uri(server, certificates: Path) -> str:

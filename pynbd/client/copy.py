@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -39,7 +38,14 @@ _ZEROS = bytes(32 << 20)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    return _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
 
 
 class CopyError(Exception):
@@ -180,9 +186,7 @@ class FileDisk(Disk):
     async def zero(self, count: int, offset: int) -> None:
         if self.regular:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            result = await self._run(
-                _libc.fallocate, self.fd, mode, ctypes.c_int64(offset), ctypes.c_int64(count)
-            )  # fmt: skip
+            result = await self._run(_fallocate, self.fd, mode, offset, count)
             if result == 0:
                 return
         await super().zero(count, offset)
