@@ -711,11 +711,14 @@ class Qcow2Node(BlockNode):
         for guest, run, kind, _ in await self.layer_map(offset, length):
             if kind != UNALLOCATED:
                 extents.append((run, 1))
-            elif self.backing is not None and guest < self.backing.size:
-                inside = min(run, self.backing.size - guest)
-                below = await self.backing.allocation_depth(guest, inside)
-                extents.extend((n, depth + 1 if depth else 0) for n, depth in below)
-                extents.append((run - inside, 0))
+            elif self.backing is not None:
+                # past the end of a shorter backing file qemu counts the zeroes it reads there as
+                # allocated in that backing layer (depth 2), not as unallocated
+                inside = max(0, min(run, self.backing.size - guest))
+                if inside:
+                    below = await self.backing.allocation_depth(guest, inside)
+                    extents.extend((n, depth + 1 if depth else 0) for n, depth in below)
+                extents.append((run - inside, 2))
             else:
                 extents.append((run, 0))
         return merge_extents(extents)
