@@ -196,3 +196,30 @@ def test_simple_reply_errors_without_structured_replies(workdir):
         assert asyncio.run(main()) == 1
     finally:
         server.close()
+
+
+def test_sans_io_option_replies():
+    from pynbd.protocol.client_negotiation import (
+        ExportInfoRequest,
+        ListExports,
+        OptionError,
+        OptionRequest,
+        valid_block_size,
+    )
+    from pynbd.protocol.wire import ProtocolError, encode_info_block_size, encode_rep_server
+
+    listing = ListExports()
+    assert not listing.feed(Opt.LIST, Rep.SERVER, encode_rep_server("a", "first"))
+    assert listing.feed(Opt.LIST, Rep.ACK, b"") and listing.exports == [("a", "first")]
+    go = ExportInfoRequest(Opt.GO, "a")
+    go.feed(Opt.GO, Rep.INFO, encode_info_block_size(512, 256, 1 << 20))  # preferred < minimum: ignored
+    with pytest.raises(ProtocolError, match="without NBD_INFO_EXPORT"):
+        go.feed(Opt.GO, Rep.ACK, b"")
+    assert go.info.block_size is None
+    with pytest.raises(OptionError) as caught:
+        OptionRequest(Opt.STRUCTURED_REPLY).feed(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP, b"no thanks")
+    assert caught.value.unsupported and caught.value.message == "no thanks"
+    with pytest.raises(ProtocolError, match="while we wait"):
+        OptionRequest(Opt.GO).feed(Opt.INFO, Rep.ACK, b"")
+    assert valid_block_size(1, 4096, 32 << 20) and valid_block_size(512, 4096, 0xFFFFFFFF)
+    assert not valid_block_size(3, 4096, 1 << 20) and not valid_block_size(4096, 4096, 5000)

@@ -323,3 +323,10 @@ def test_copy_with_server_commands(workdir):
     pynbd("copy", "--", "[", "nbdkit", "data", "1 2 3 @1048576 4", "size=2M", "]", str(out))
     data = out.read_bytes()
     assert len(data) == 2 * MiB and data[:3] == b"\1\2\3" and data[MiB] == 4 and data.count(0) == 2 * MiB - 4
+
+
+def test_copy_reports_a_server_command_that_fails(workdir):
+    result = pynbd("copy", "--", str(workdir / "none.raw"), "[", "qemu-nbd", "-f", "raw", str(workdir / "no.raw"), "]",
+                   check=False)  # fmt: skip
+    assert result.returncode == 1
+    assert "pynbd copy: " in result.stderr

@@ -974,9 +974,10 @@ async def connect(
     try:
         name = uri.export if export is None else export
         await client._handshake(name, meta_contexts, mode, context, hostname, opt_mode, structured_replies)
-    except ConnectionClosed as exc:
+    except (ConnectionClosed, ConnectionResetError) as exc:
+        why = await _command_exit_status(endpoint)
         await client.close()
-        raise NBDConnectionError(f"server closed the connection during negotiation: {exc}") from exc
+        raise NBDConnectionError(why or f"server closed the connection during negotiation: {exc}") from exc
     except ProtocolError as exc:
         await client.close()
         raise ProtocolViolation(str(exc)) from exc
@@ -984,6 +985,18 @@ async def connect(
         await client.close()
         raise
     return client
+
+
+async def _command_exit_status(endpoint: Endpoint) -> str | None:
+    """Why a server we started hung up: it exited (it usually has just printed why on stderr)."""
+    proc = getattr(endpoint, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = await asyncio.wait_for(asyncio.to_thread(proc.wait), 5.0)
+    except TimeoutError:
+        return None
+    return f"the server command exited with status {status}: {endpoint.description}"
 
 
 __all__ = ["BASE_ALLOCATION", "Client", "Extent", "connect", "format_uri", "make_endpoint"]
