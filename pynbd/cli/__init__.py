@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from pynbd.cli import copy, daemon, img, info, serve
+from pynbd.cli import backup, copy, daemon, img, info, serve
 
-COMMANDS = [serve, daemon, info, copy, img]
+COMMANDS = [serve, daemon, info, copy, img, backup]
 
 
 def main(argv: list[str] | None = None) -> int:
