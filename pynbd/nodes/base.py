@@ -160,6 +160,13 @@ class BlockNode(ABC):
         """(fd, file offset) from which ``os.sendfile`` may send this range verbatim, if any."""
         return None
 
+    async def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write at run time (blockdev-reopen, commit's base).
+
+        Nodes that hold no resource of their own just flip the flag; drivers with files or
+        metadata override this."""
+        self.read_only = read_only
+
     async def close(self) -> None:
         """Release the node's resources; the default flushes."""
         await self.flush()

@@ -194,6 +194,18 @@ class FileNode(BlockNode):
 
         tran.add(abort=undo, commit=lambda: locks.apply(self.fd, perm, shared, strict=False))
 
+    async def reopen(self, read_only: bool) -> None:
+        """Open the file again with the new access mode; the graph re-takes the locks after."""
+        if read_only == self.read_only:
+            return
+        if not self.read_only:
+            await self.flush()
+        fd = os.open(self.filename, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        old, self.fd = self.fd, fd
+        os.close(old)  # its OFD locks go with it
+        self._locked = (Perm(0), Perm.all())
+        self.read_only = read_only
+
     async def close(self) -> None:
         if self.fd >= 0:
             await self.flush()

@@ -51,3 +51,29 @@ class RequestTracker:
             async with self._changed:
                 del self._serial[key]
                 self._changed.notify_all()
+
+
+class RangeLock:
+    """Exclusive locks on byte ranges: overlapping holders wait for each other, others don't.
+
+    Filters that read, then write (mirror's copy against the guest's writes, copy-on-read's copy-up
+    against the guest's writes) hold the range across both steps so no write slips in between.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int]] = {}
+        self._changed = asyncio.Condition()
+        self._next = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, start: int, end: int):
+        async with self._changed:
+            await self._changed.wait_for(lambda: not RequestTracker._overlaps(self._held.values(), start, end))
+            key = self._next = self._next + 1
+            self._held[key] = (start, end)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                del self._held[key]
+                self._changed.notify_all()

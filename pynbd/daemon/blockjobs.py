@@ -1,0 +1,231 @@
+"""block-commit, block-stream, blockdev-mirror and blockdev-snapshot (qemu 7.2 arguments)."""
+
+from __future__ import annotations
+
+from pynbd.daemon.core import Daemon
+from pynbd.daemon.registry import action, command, command_from_action
+from pynbd.graph.core import filtered_or_cow_child
+from pynbd.graph.transaction import Transaction
+from pynbd.jobs.commit import CommitJob
+from pynbd.jobs.copy import ERROR_POLICIES
+from pynbd.jobs.mirror import MirrorJob
+from pynbd.jobs.stream import StreamJob
+from pynbd.nodes.base import BlockNode
+from pynbd.qmp.protocol import QMPError
+
+JOB_COMMON = {"*job-id": "str", "*speed": "uint", "*auto-finalize": "bool", "*auto-dismiss": "bool"}
+
+
+def chain_of(node: BlockNode) -> list[BlockNode]:
+    nodes = [node]
+    while (link := filtered_or_cow_child(nodes[-1])) is not None:
+        nodes.append(link.node)
+    return nodes
+
+
+def _job_kwargs(args: dict) -> dict:
+    return {
+        "auto_finalize": args.get("auto-finalize", True),
+        "auto_dismiss": args.get("auto-dismiss", True),
+        "speed": args.get("speed", 0),
+    }
+
+
+def _job_id(daemon: Daemon, args: dict) -> str:
+    job_id = args.get("job-id", args["device"])
+    if job_id in daemon.jobs.jobs:
+        raise QMPError(f"Job ID '{job_id}' already in use")
+    return job_id
+
+
+def _start(daemon: Daemon, job, tran: Transaction | None = None) -> None:
+    own = tran is None
+    tran = tran or Transaction()
+    try:
+        job.install(tran)
+    except BaseException:
+        tran.abort()
+        raise
+    if own:
+        tran.commit()
+    daemon.jobs.start(job)
+
+
+@command(
+    "block-commit",
+    {
+        **JOB_COMMON,
+        "device": "str",
+        "*base-node": "str",
+        "*base": "str",
+        "*top-node": "str",
+        "*top": "str",
+        "*backing-file": "str",
+        "*backing-mask-protocol": "bool",
+        "*on-error": ERROR_POLICIES,
+        "*filter-node-name": "str",
+        "*x-discard-committed": "bool",
+    },
+)
+async def block_commit(daemon: Daemon, args: dict) -> None:
+    device = daemon.node(args["device"])
+    chain = chain_of(device)
+    top = daemon.node(args["top-node"]) if "top-node" in args else device
+    if top not in chain:
+        raise QMPError(f"'{top.node_name}' is not in the backing chain of '{device.node_name}'")
+    below_top = chain[chain.index(top) + 1 :]
+    if not below_top:
+        raise QMPError(f"Top image '{top.node_name}' has no backing file to commit into")
+    base = daemon.node(args["base-node"]) if "base-node" in args else below_top[-1]
+    if base is top:
+        raise QMPError("Top and base cannot be the same node")
+    if base not in below_top:
+        raise QMPError(f"'{top.node_name}' is not above base '{base.node_name}'")
+    job_id = _job_id(daemon, args)
+    if top is device:  # active commit: a mirror into the base, then a pivot
+        job = MirrorJob(
+            job_id,
+            daemon.graph,
+            device,
+            base,
+            sync="full",
+            filter_node_name=args.get("filter-node-name"),
+            on_source_error=args.get("on-error", "report"),
+            on_target_error=args.get("on-error", "report"),
+            base=base,
+            **_job_kwargs(args),
+        )
+        await _reopen_base_for(daemon, job, base)
+    else:
+        overlay = next(
+            (n for n in chain[: chain.index(top)] if (lk := filtered_or_cow_child(n)) and lk.node is top), None
+        )
+        job = CommitJob(
+            job_id,
+            daemon.graph,
+            filtered_or_cow_child(overlay),
+            top,
+            base,
+            on_error=args.get("on-error", "report"),
+            discard_committed=args.get("x-discard-committed", False),
+            **_job_kwargs(args),
+        )
+    _start(daemon, job)
+
+
+async def _reopen_base_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
+    """Active commit writes the base (read-only as a backing file): reopen it read-write now and,
+    if the job does not pivot to it, read-only again when it ends."""
+    from pynbd.graph.reopen import restore, set_read_only
+
+    changed = await set_read_only(daemon.graph, base, False)
+    clean = job.clean
+
+    async def clean_and_restore() -> None:
+        await clean()
+        if not job.pivoted and changed:
+            await restore(daemon.graph, changed, True)
+
+    job.clean = clean_and_restore  # type: ignore[method-assign]
+
+
+@command(
+    "block-stream",
+    {
+        **JOB_COMMON,
+        "device": "str",
+        "*base": "str",
+        "*base-node": "str",
+        "*backing-file": "str",
+        "*bottom": "str",
+        "*on-error": ERROR_POLICIES,
+        "*filter-node-name": "str",
+    },
+)
+async def block_stream(daemon: Daemon, args: dict) -> None:
+    top = daemon.node(args["device"])
+    chain = chain_of(top)
+    base = None
+    if "base-node" in args:
+        base = daemon.node(args["base-node"])
+    elif "bottom" in args:
+        bottom = daemon.node(args["bottom"])
+        if bottom not in chain:
+            raise QMPError(f"Node '{bottom.node_name}' is not in the backing chain of '{top.node_name}'")
+        index = chain.index(bottom)
+        base = chain[index + 1] if index + 1 < len(chain) else None
+    if base is not None and base not in chain[1:]:
+        raise QMPError(f"Node '{base.node_name}' is not a backing image of '{top.node_name}'")
+    job = StreamJob(
+        _job_id(daemon, args),
+        daemon.graph,
+        top,
+        base,
+        filter_node_name=args.get("filter-node-name"),
+        on_error=args.get("on-error", "report"),
+        **_job_kwargs(args),
+    )
+    _start(daemon, job)
+
+
+@command(
+    "blockdev-mirror",
+    {
+        **JOB_COMMON,
+        "device": "str",
+        "target": "str",
+        "*replaces": "str",
+        "sync": ("full", "top", "none"),
+        "*granularity": "uint",
+        "*buf-size": "uint",
+        "*on-source-error": ERROR_POLICIES,
+        "*on-target-error": ERROR_POLICIES,
+        "*filter-node-name": "str",
+        "*copy-mode": ("background", "write-blocking"),
+    },
+)
+async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
+    source, target = daemon.node(args["device"]), daemon.node(args["target"])
+    if source is target:
+        raise QMPError("Can't mirror node into itself")
+    if target.parents:
+        raise QMPError(f"Node '{target.node_name}' is busy: in use as a target or by a user")
+    granularity = args.get("granularity", 65536)
+    if granularity < 512 or granularity > 64 * 1024 * 1024 or granularity & (granularity - 1):
+        raise QMPError("Invalid parameter 'granularity': expecting a power of two between 512 B and 64 MiB")
+    job = MirrorJob(
+        _job_id(daemon, args),
+        daemon.graph,
+        source,
+        target,
+        sync=args["sync"],
+        granularity=granularity,
+        filter_node_name=args.get("filter-node-name"),
+        on_source_error=args.get("on-source-error", "report"),
+        on_target_error=args.get("on-target-error", "report"),
+        **_job_kwargs(args),
+    )
+    if args.get("copy-mode") == "write-blocking":
+        job.top.write_blocking = True
+    _start(daemon, job)
+
+
+@action("blockdev-snapshot", {"node": "str", "overlay": "str"})
+async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction) -> None:
+    """Put ``overlay`` (a node without backing) on top of ``node``: it becomes the overlay's
+    backing and every user of ``node`` now uses the overlay."""
+    node, overlay = daemon.node(args["node"]), daemon.node(args["overlay"])
+    if "backing" in overlay.children:
+        raise QMPError(f"The overlay already has a backing image: '{overlay.node_name}'")
+    if overlay.parents:
+        raise QMPError(f"The overlay '{overlay.node_name}' is already in use")
+    if overlay.read_only:
+        raise QMPError(f"The overlay '{overlay.node_name}' is not writable")
+    if not hasattr(overlay, "header"):
+        raise QMPError(f"The overlay does not support backing images: '{overlay.node_name}'")
+    link = daemon.graph.attach_child(overlay, "backing", node)
+    tran.add(abort=lambda: daemon.graph.detach(link))
+    daemon.graph.replace_node(node, overlay, keep=[link], tran=tran)
+
+
+command_from_action("blockdev-snapshot")

@@ -1,0 +1,42 @@
+"""Switching nodes between read-only and read-write while the graph is live.
+
+A commit writes into a base that was opened read-only (as backing files are); like qemu, the job
+reopens it read-write for its duration and back afterwards. The permission refresh that follows a
+reopen goes through the same transaction as any graph change, and file nodes take their new locks
+by first holding the union of old and new (pynbd.graph.locks.transition), so the change never
+passes through a state that allows what neither side allows.
+"""
+
+from __future__ import annotations
+
+from pynbd.graph.core import BlockGraph
+from pynbd.graph.transaction import Transaction
+from pynbd.nodes.base import BlockNode
+
+
+def storage_chain(node: BlockNode) -> list[BlockNode]:
+    """The node and the nodes below it through ``file`` links (format, then protocol)."""
+    nodes = [node]
+    while (child := nodes[-1].child_node("file")) is not None:
+        nodes.append(child)
+    return nodes
+
+
+async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> list[BlockNode]:
+    """Reopen ``node`` and its storage read-only or read-write; returns the nodes that changed."""
+    changed = [n for n in storage_chain(node) if n.read_only != read_only]
+    # read-write: the file first, so the format can write its metadata; read-only: the format first
+    for n in reversed(changed) if not read_only else changed:
+        await n.reopen(read_only)
+    with Transaction() as tran:
+        graph.refresh_perms(tran, [node])
+    return changed
+
+
+async def restore(graph: BlockGraph, nodes: list[BlockNode], read_only: bool) -> None:
+    """Undo :func:`set_read_only` for the nodes it changed."""
+    for n in nodes if read_only else reversed(nodes):
+        await n.reopen(read_only)
+    if nodes:
+        with Transaction() as tran:
+            graph.refresh_perms(tran, [nodes[0]])

@@ -1,0 +1,96 @@
+"""Intermediate commit (``block-commit`` with ``top`` below the active layer).
+
+The data allocated from ``top`` down to just above ``base`` is copied into ``base``; then the
+overlay above ``top`` is pointed at ``base`` and the committed layers leave the graph. The chain
+from the overlay down to the base is frozen while the job runs, so nobody re-points it under the
+copy. Beyond qemu: ``discard-committed`` punches the committed ranges out of the dropped layers
+once their data reached the base (space back on long chains; off by default since it costs I/O).
+Ranges no layer above the base allocates are never read nor written: the allocation depth tells,
+from metadata alone.
+"""
+
+from __future__ import annotations
+
+from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
+from pynbd.graph.perms import Perm
+from pynbd.graph.reopen import restore, set_read_only
+from pynbd.jobs.copy import CopyEngine, copy_chunk
+from pynbd.jobs.core import Job
+from pynbd.nodes.base import BlockNode
+
+
+class CommitJob(Job):
+    job_type = "commit"
+
+    def __init__(
+        self,
+        job_id: str,
+        graph: BlockGraph,
+        overlay_link: ChildLink,
+        top: BlockNode,
+        base: BlockNode,
+        on_error: str = "report",
+        discard_committed: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(job_id, **kwargs)
+        self.graph = graph
+        self.overlay_link = overlay_link  # the backing link of the node above top
+        self.top = top
+        self.base = base
+        self.on_error = on_error
+        self.discard_committed = discard_committed
+        self.device = overlay_link.parent.node_name
+        self.user = GraphUser(job_id, "block-job", f"commit job {job_id!r}")
+        self.users = [self.user]
+        self.layers = len(chain_links(top, base))
+        self.frozen: list[ChildLink] = []
+        self.reopened: list[BlockNode] = []
+        self.committed: list[tuple[int, int]] = []
+
+    def install(self, tran) -> None:
+        self.frozen = [self.overlay_link, *chain_links(self.top, self.base)]
+        for link in self.frozen:
+            link.freeze()
+        tran.add(abort=lambda: self.graph.unfreeze_links(self.frozen))
+
+    async def work(self) -> None:
+        self.reopened = await set_read_only(self.graph, self.base, False)
+        perm = Perm.CONSISTENT_READ | Perm.WRITE
+        self.graph.attach_user(self.user, self.base, perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+        ranges, offset = [], 0
+        for length, depth in await self.top.allocation_depth(0, self.top.size):
+            if 1 <= depth <= self.layers:
+                ranges.append((offset, length))
+            offset += length
+        self.total_progress = sum(length for _, length in ranges)
+        engine = CopyEngine(self, self._copy, self.on_error, self.on_error)
+        await engine.run(ranges)
+        await self.base.flush()
+        self.committed = ranges
+
+    async def _copy(self, offset: int, length: int) -> None:
+        await copy_chunk(self.top, self.base, offset, length)
+
+    async def prepare(self) -> None:
+        self.graph.unfreeze_links(self.frozen)
+        self.frozen = []
+        dropped = [link.node for link in chain_links(self.top, self.base)][: self.layers]
+        self.graph.replace_child(self.overlay_link, self.base)
+        if self.discard_committed:
+            for node in dropped:
+                if not node.read_only:
+                    for offset, length in self.committed:
+                        await node.discard(offset, length)
+
+    async def clean(self) -> None:
+        if self.frozen:
+            self.graph.unfreeze_links(self.frozen)
+            self.frozen = []
+        for link in list(self.user.links):
+            self.graph.detach(link)
+        if self.reopened:
+            await restore(self.graph, self.reopened, True)
+
+
+

@@ -1,0 +1,168 @@
+"""Mirror (``blockdev-mirror``) and active commit (``block-commit`` of the active layer).
+
+Both copy a source to a target while the source keeps being written: a ``mirror_top`` filter
+marks what guests write, the job copies what is dirty until nothing is, reports ``ready``, keeps
+the target in step, and on ``complete`` switches to write-blocking, copies the last dirty chunks
+and pivots every user of the source to the target. Active commit is the same with the target
+being the source's own base, and the chain between them frozen for the job's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+from pynbd.graph.core import BlockGraph, GraphUser, chain_links
+from pynbd.graph.perms import ALL, Perm
+from pynbd.jobs.copy import CopyEngine, copy_chunk
+from pynbd.jobs.core import Job, JobCancelled, JobStatus
+from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.mirror_top import MirrorTopNode
+
+
+class MirrorJob(Job):
+    job_type = "mirror"
+
+    def __init__(
+        self,
+        job_id: str,
+        graph: BlockGraph,
+        source: BlockNode,
+        target: BlockNode,
+        sync: str = "full",
+        granularity: int = 65536,
+        filter_node_name: str | None = None,
+        on_source_error: str = "report",
+        on_target_error: str = "report",
+        base: BlockNode | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(job_id, **kwargs)
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self.sync = sync
+        self.base = base  # active commit: the target is this base of the source's chain
+        self.device = source.node_name
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        if base is not None:
+            self.job_type = "commit"
+        self.top = MirrorTopNode(filter_node_name or graph.auto_name(), granularity, active_commit=base is not None)
+        self.top.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
+        self.users = [self.user]
+        self.frozen: list = []
+        self.pivoted = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def install(self, tran) -> None:
+        graph = self.graph
+        if self.base is None and self.source.size != self.target.size:
+            raise BlockError(errno.EINVAL, "Source and target image have different sizes")
+        graph.add_node(self.top)
+        tran.add(abort=lambda: graph.nodes.pop(self.top.node_name, None))
+        link = graph.attach_child(self.top, "file", self.source)
+        tran.add(abort=lambda: graph.detach(link))
+        self.top.activate(self.target)
+        graph.replace_node(self.source, self.top, keep=[link], tran=tran)
+        graph.attach_user(self.user, self.top, Perm(0), ALL)
+        shared = Perm.WRITE_UNCHANGED
+        if self.base is not None:
+            shared |= Perm.CONSISTENT_READ | Perm.WRITE
+        graph.attach_user(self.user, self.target, Perm.WRITE, shared)
+        tran.add(abort=self._drop_users)
+        if self.base is not None:
+            self.frozen = graph.freeze_chain(self.source, self.base)
+            tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
+
+    def _drop_users(self) -> None:
+        for link in list(self.user.links):
+            self.graph.detach(link)
+
+    # -- work -----------------------------------------------------------------------------------
+
+    async def _initial_dirty(self) -> None:
+        dirty = self.top.dirty
+        if self.sync == "none":
+            return
+        offset = 0
+        if self.base is not None:  # active commit: what lies above the base
+            layers = len(chain_links(self.source, self.base))
+            for length, depth in await self.source.allocation_depth(0, self.source.size):
+                if 1 <= depth <= layers:
+                    dirty.set_range(offset, length)
+                offset += length
+        elif self.sync == "top":
+            for length, depth in await self.source.allocation_depth(0, self.source.size):
+                if depth == 1:
+                    dirty.set_range(offset, length)
+                offset += length
+        else:
+            dirty.fill()
+
+    async def _copy(self, offset: int, length: int) -> None:
+        async with self.top.lock.hold(offset, offset + length):
+            self.top.dirty.reset_range(offset, length)
+            try:
+                await copy_chunk(self.source, self.target, offset, length)
+            except BaseException:
+                self.top.dirty.set_range(offset, length)
+                raise
+
+    async def _copy_dirty(self, engine: CopyEngine) -> None:
+        while True:
+            ranges = self.top.dirty.dirty_ranges()
+            if not ranges:
+                return
+            self.top.new_dirt.clear()
+            total = sum(length for _, length in ranges)
+            self.total_progress = max(self.total_progress, self.current_progress + total)
+            await engine.run(ranges)
+
+    async def work(self) -> None:
+        await self._initial_dirty()
+        engine = CopyEngine(
+            self, self._copy, self.on_source_error, self.on_target_error, chunk=self.top.granularity * 16
+        )
+        await self._copy_dirty(engine)
+        self.set_ready()
+        while not self.complete_requested:
+            waiter = asyncio.create_task(self.top.new_dirt.wait())
+            completer = asyncio.create_task(self.wait_complete_requested())
+            await asyncio.wait([waiter, completer], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            completer.cancel()
+            if self.cancelled and self.force_cancel:
+                raise JobCancelled()
+            await self._copy_dirty(engine)
+        # complete (or cancel after ready): stop the world for writes, drain what is left
+        self.top.write_blocking = True
+        await self._copy_dirty(engine)
+        await self.target.flush()
+
+    # -- end ------------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        if self.cancelled:  # cancelled when ready: a point-in-time copy, no pivot
+            return
+        self.graph.unfreeze_links(self.frozen)
+        self.frozen = []
+        self._drop_users()
+        self.graph.replace_node(self.top, self.target)
+        self.pivoted = True
+
+    async def clean(self) -> None:
+        if self.frozen:
+            self.graph.unfreeze_links(self.frozen)
+            self.frozen = []
+        self._drop_users()
+        if self.top.parents:
+            self.graph.replace_node(self.top, self.source)
+        for link in list(self.top.children.values()):
+            self.graph.detach(link)
+        self.graph.nodes.pop(self.top.node_name, None)
+
+
+__all__ = ["MirrorJob", "JobStatus"]

@@ -1,0 +1,90 @@
+"""``block-stream``: copy the data of the backing chain down to ``base`` up into the top node,
+then make ``base`` the top's backing (or drop the backing altogether).
+
+As in qemu since 6.0, the job puts a ``copy-on-read`` filter (with ``bottom`` just above the
+base) over the top and reads every range the top does not allocate through it; the filter's range
+lock keeps each copy-up atomic against the guest's writes. The chain is frozen while it runs.
+"""
+
+from __future__ import annotations
+
+from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
+from pynbd.graph.perms import Perm
+from pynbd.jobs.copy import CopyEngine
+from pynbd.jobs.core import Job
+from pynbd.nodes.base import BlockNode
+from pynbd.nodes.cor import CopyOnReadNode
+
+
+class StreamJob(Job):
+    job_type = "stream"
+
+    def __init__(
+        self,
+        job_id: str,
+        graph: BlockGraph,
+        top: BlockNode,
+        base: BlockNode | None,
+        filter_node_name: str | None = None,
+        on_error: str = "report",
+        **kwargs,
+    ) -> None:
+        super().__init__(job_id, **kwargs)
+        self.graph = graph
+        self.top = top
+        self.base = base
+        self.on_error = on_error
+        self.device = top.node_name
+        links = chain_links(top, base)
+        self.bottom = links[-1].parent if base is not None and links else None  # just above the base
+        self.cor = CopyOnReadNode(filter_node_name or graph.auto_name(), bottom=self.bottom)
+        self.cor.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.user = GraphUser(job_id, "block-job", f"stream job {job_id!r}")
+        self.users = [self.user]
+        self.frozen: list[ChildLink] = []
+
+    def install(self, tran) -> None:
+        graph = self.graph
+        graph.add_node(self.cor)
+        tran.add(abort=lambda: graph.nodes.pop(self.cor.node_name, None))
+        link = graph.attach_child(self.cor, "file", self.top)
+        tran.add(abort=lambda: graph.detach(link))
+        graph.replace_node(self.top, self.cor, keep=[link], tran=tran)
+        graph.attach_user(
+            self.user, self.cor, Perm.CONSISTENT_READ, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
+        )
+        tran.add(abort=lambda: [graph.detach(lk) for lk in list(self.user.links)])
+        self.frozen = graph.freeze_chain(self.top, self.base)
+        tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
+
+    async def work(self) -> None:
+        if not self.frozen:  # nothing below the top: nothing to stream
+            return
+        ranges = await self.cor._copy_up_ranges(0, self.top.size)
+        self.total_progress = sum(length for _, length in ranges)
+        engine = CopyEngine(self, self.cor.prefetch, self.on_error, self.on_error)
+        await engine.run(ranges)
+        await self.top.flush()
+
+    async def prepare(self) -> None:
+        self.graph.unfreeze_links(self.frozen)
+        self.frozen = []
+        backing = self.top.children.get("backing")
+        if backing is None:
+            return
+        if self.base is None:
+            self.graph.detach(backing)
+        else:
+            self.graph.replace_child(backing, self.base)
+
+    async def clean(self) -> None:
+        if self.frozen:
+            self.graph.unfreeze_links(self.frozen)
+            self.frozen = []
+        for link in list(self.user.links):
+            self.graph.detach(link)
+        if self.cor.parents:
+            self.graph.replace_node(self.cor, self.top)
+        for link in list(self.cor.children.values()):
+            self.graph.detach(link)
+        self.graph.nodes.pop(self.cor.node_name, None)

@@ -1,0 +1,88 @@
+"""``mirror_top``: the filter a mirror (or active commit) job puts above its source.
+
+Writes pass through to the source and mark :attr:`dirty`, which the job keeps copying to the
+target; once the job is told to complete it switches to write-blocking, so from then on every
+write reaches both sides before it is acknowledged. A range lock keeps a chunk copy (read the
+source, write the target) and a guest write to the same bytes from interleaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pynbd.bitmap import DirtyBitmap
+from pynbd.graph.perms import PASSTHROUGH, Perm, Role
+from pynbd.nodes.base import BlockNode, Extent
+from pynbd.nodes.tracking import RangeLock
+
+
+class MirrorTopNode(BlockNode):
+    driver = "mirror_top"
+
+    def __init__(self, node_name: str, granularity: int, active_commit: bool = False) -> None:
+        super().__init__(node_name)
+        self.granularity = granularity
+        self.active_commit = active_commit
+        self.dirty: DirtyBitmap | None = None
+        self.target: BlockNode | None = None
+        self.write_blocking = False
+        self.lock = RangeLock()
+        self.new_dirt = asyncio.Event()
+
+    def child_role(self, name: str) -> Role:
+        return Role.filtered()
+
+    def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        child_perm = perm & PASSTHROUGH
+        child_shared = (shared & PASSTHROUGH) | Perm.WRITE_UNCHANGED
+        if self.active_commit:
+            # the job writes the base, which lies below the source: reads of the source must
+            # keep working while it does (qemu drops CONSISTENT_READ and shares WRITE here)
+            child_perm &= ~Perm.CONSISTENT_READ
+            child_shared |= Perm.WRITE | Perm.CONSISTENT_READ
+        return child_perm, child_shared
+
+    @property
+    def source(self) -> BlockNode:
+        return self.children["file"].node
+
+    def activate(self, target: BlockNode) -> None:
+        self.target = target
+        self.dirty = DirtyBitmap(self.source.size, self.granularity)
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.source.read_into(offset, buf)
+
+    async def _guest_write(self, offset: int, length: int, apply) -> None:
+        async with self.lock.hold(offset, offset + length):
+            await apply(self.source)
+            if self.write_blocking:
+                await apply(self.target)
+            else:
+                self.dirty.set_range(offset, length)
+                self.new_dirt.set()
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        await self._guest_write(offset, len(data), lambda node: node.write(offset, data, fua))
+
+    async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
+        await self._guest_write(offset, length, lambda node: node.write_zeroes(offset, length, may_trim, fua, fast))
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._guest_write(offset, length, lambda node: node.discard(offset, length))
+
+    async def flush(self) -> None:
+        await self.source.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.source.block_status(offset, length)
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        return await self.source.allocation_depth(offset, length)
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,184 @@
+"""Mirror, commit (intermediate and active), stream and snapshot: the same QMP scripts against
+pynbd daemon and qemu-storage-daemon, compared by what an NBD client reads afterwards."""
+
+import nbd
+import pytest
+
+from tests.daemons import KINDS
+from tests.peers import run
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+def wait_event(daemon, name, timeout=60):
+    while True:
+        event = daemon.qmp.pull_event(wait=timeout)
+        assert event is not None, f"{daemon.kind}: no {name} event within {timeout}s"
+        if event["event"] == name:
+            return event
+
+
+def read_all(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    data = b"".join(h.pread(MiB, off) for off in range(0, h.get_size(), MiB))
+    h.shutdown()
+    return data
+
+
+def chain(workdir, kind):
+    """base <- mid <- top, each layer writing its own pattern."""
+    paths = [workdir / f"{kind}-{name}.qcow2" for name in ("base", "mid", "top")]
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths[0]), str(SIZE)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", paths[0].name, "-F", "qcow2", str(paths[1])])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", paths[1].name, "-F", "qcow2", str(paths[2])])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 3M", str(paths[0])])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 2M", str(paths[1])])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 2M 2M", "-c", "write -z 6M 64k", str(paths[2])])
+    return paths
+
+
+def start_chain(start_daemon, kind, top_path):
+    daemon = start_daemon(kind, "--blockdev", f"driver=file,node-name=tf,filename={top_path}")
+    daemon.ok("blockdev-add", driver="qcow2", file="tf", **{"node-name": "top"})
+    daemon.ok("block-export-add", type="nbd", id="w", **{"node-name": "top"}, name="w", writable=True)
+    return daemon
+
+
+def node_names(daemon):
+    return {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}
+
+
+def backing_of(daemon, name):
+    graph = daemon.ok("x-debug-query-block-graph")
+    ids = {n["id"]: n["name"] for n in graph["nodes"]}
+    for edge in graph["edges"]:
+        if ids[edge["parent"]] == name and edge["name"] == "backing":
+            return ids[edge["child"]]
+    return None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_active_commit_pivots_to_the_base(kind, start_daemon, workdir):
+    base, _, top = chain(workdir, kind)
+    daemon = start_chain(start_daemon, kind, top)
+    before = read_all(daemon.uri("w"))
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    daemon.ok("block-commit", device="top", **{"job-id": "c"})
+    wait_event(daemon, "BLOCK_JOB_READY")
+    writer.pwrite(b"\x44" * 65536, 5 * MiB)  # while ready: must reach the base too
+    daemon.ok("block-job-complete", device="c")
+    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    writer.pwrite(b"\x55" * 4096, 7 * MiB)  # after the pivot the export writes the base
+    writer.flush()
+    writer.shutdown()
+    expected = bytearray(before)
+    expected[5 * MiB : 5 * MiB + 65536] = b"\x44" * 65536
+    expected[7 * MiB : 7 * MiB + 4096] = b"\x55" * 4096
+    assert read_all(daemon.uri("w")) == expected
+    assert daemon.ok("query-block-exports")[0]["node-name"] != "top"
+    assert daemon.stop() == 0
+    run(["qemu-img", "check", str(base)])
+    out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x44 5M 64k", "-c", "read -P 0x33 2M 2M", str(base)])
+    assert "Pattern verification failed" not in out.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_intermediate_commit_drops_the_middle_layer(kind, start_daemon, workdir):
+    base, mid, top = chain(workdir, kind)
+    daemon = start_chain(start_daemon, kind, top)
+    before = read_all(daemon.uri("w"))
+    mid_node = backing_of(daemon, "top")
+    base_node = backing_of(daemon, mid_node)
+    daemon.ok("block-commit", device="top", **{"top-node": mid_node, "base-node": base_node, "job-id": "c"})
+    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert backing_of(daemon, "top") == base_node
+    assert read_all(daemon.uri("w")) == before
+    assert daemon.stop() == 0
+    run(["qemu-img", "check", str(base)])
+    out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x22 1M 2M", str(base)])  # mid's data is in base
+    assert "Pattern verification failed" not in out.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stream_pulls_the_chain_into_the_top(kind, start_daemon, workdir):
+    base, mid, top = chain(workdir, kind)
+    daemon = start_chain(start_daemon, kind, top)
+    before = read_all(daemon.uri("w"))
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    daemon.ok("block-stream", device="top", **{"job-id": "s"})  # everything, no base left
+    writer.pwrite(b"\x66" * 512, 1 * MiB)  # racing the copy-up of the same range
+    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    writer.flush()
+    writer.shutdown()
+    expected = bytearray(before)
+    expected[MiB : MiB + 512] = b"\x66" * 512
+    assert read_all(daemon.uri("w")) == expected
+    assert backing_of(daemon, "top") is None
+    assert daemon.stop() == 0
+    run(["qemu-img", "check", str(top)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mirror_keeps_the_target_in_step_and_pivots(kind, start_daemon, workdir):
+    source, target = workdir / f"{kind}-src.raw", workdir / f"{kind}-dst.raw"
+    source.write_bytes(bytes(range(256)) * (SIZE // 256))
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    daemon = start_daemon(
+        kind,
+        "--blockdev",
+        f"driver=file,node-name=s0,filename={source}",
+        "--blockdev",
+        f"driver=file,node-name=t0,filename={target}",
+    )
+    daemon.ok("block-export-add", type="nbd", id="w", **{"node-name": "s0"}, name="w", writable=True)
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    daemon.ok("blockdev-mirror", device="s0", target="t0", sync="full", **{"job-id": "m"})
+    writer.pwrite(b"\x77" * 4096, 3 * MiB)
+    wait_event(daemon, "BLOCK_JOB_READY")
+    writer.pwrite(b"\x78" * 4096, 4 * MiB)
+    daemon.ok("block-job-complete", device="m")
+    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    writer.pwrite(b"\x79" * 4096, 5 * MiB)  # after the pivot: only the target gets it
+    writer.flush()
+    writer.shutdown()
+    assert daemon.ok("query-block-exports")[0]["node-name"] == "t0"
+    src, dst = source.read_bytes(), target.read_bytes()
+    assert dst[: 5 * MiB] == src[: 5 * MiB] and dst[5 * MiB : 5 * MiB + 4096] == b"\x79" * 4096
+    assert src[5 * MiB : 5 * MiB + 4096] != b"\x79" * 4096
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_snapshot_puts_an_overlay_under_the_export(kind, start_daemon, workdir):
+    base, _, top = chain(workdir, kind)
+    overlay = workdir / f"{kind}-overlay.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), str(SIZE)])
+    daemon = start_chain(start_daemon, kind, top)
+    before = read_all(daemon.uri("w"))
+    daemon.ok(
+        "blockdev-add",
+        driver="qcow2",
+        **{"node-name": "ov"},
+        file={"driver": "file", "filename": str(overlay)},
+        backing=None,
+    )
+    daemon.ok("blockdev-snapshot", node="top", overlay="ov")
+    assert daemon.ok("query-block-exports")[0]["node-name"] == "ov"
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    writer.pwrite(b"\x88" * 4096, 0)
+    writer.flush()
+    writer.shutdown()
+    expected = bytearray(before)
+    expected[:4096] = b"\x88" * 4096
+    assert read_all(daemon.uri("w")) == expected
+    daemon.fails("blockdev-snapshot", node="top", overlay="ov")  # already has a backing
+    assert daemon.stop() == 0
+    out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 4096", str(top)])  # top itself unchanged
+    assert "Pattern verification failed" not in out.stdout
+    run(["qemu-img", "check", str(overlay)])
