@@ -351,6 +351,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
     result = await check_image(args.filename, args.repair)
     for message in result.messages:
         print(message, file=sys.stderr)
+    if result.failure or result.check_errors:
+        print(f"{PROG}: {result.failure or 'Check failed'}", file=sys.stderr)
+        return 1
     if args.output == "json":
         print(qemu_json(result.to_json()))
     elif not args.quiet:

@@ -64,6 +64,8 @@ class CheckResult:
     compressed_clusters: int = 0
     in_use_bitmaps: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    #: why the check itself failed (qemu-img then prints "Check failed: ..." and no report)
+    failure: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -191,7 +193,6 @@ class _Walk:
             return
         self.ref_bytes(offset, size * 8)
         l1 = table_from_bytes(await self.read(offset, size * 8))
-        next_contiguous = [0]
         for entry in l1:
             if entry & L1E_RESERVED and active:
                 self.error(f"ERROR found L1 entry with reserved bits set: {entry:x}")
@@ -202,10 +203,11 @@ class _Walk:
             if l2_offset % self.cs:
                 self.error(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
                 continue
-            await self.l2_table(l2_offset, active, next_contiguous)
+            await self.l2_table(l2_offset, active)
 
-    async def l2_table(self, offset: int, active: bool, next_contiguous: list[int]) -> None:
+    async def l2_table(self, offset: int, active: bool) -> None:
         table = table_from_bytes(await self.read(offset, self.cs))
+        next_contiguous = [0]  # qemu counts fragmentation within each L2 table
         step = 2 if self.header.extended_l2 else 1
         result = self.result
         for i in range(0, len(table), step):
@@ -336,14 +338,14 @@ async def _check_pass(
             result.corruptions = result.leaks = 0
             fixed = True
             refcounts, stored = await _stored_counts(file, header, len(walk.counter))
+        elif repair and mismatches and rebuild:
+            result.messages.append("ERROR need to rebuild refcount structures")
+            result.check_errors += 1
+            result.failure = "Check failed: Input/output error"
+            return fixed, result
         elif repair and mismatches:
-            if rebuild:
-                result.messages.append("ERROR need to rebuild refcount structures")
-                result.check_errors += 1
             for cluster, have, want in mismatches:
-                if have == 0:
-                    continue
-                if (have > want) or repair == REPAIR_ALL:
+                if have > want or repair == REPAIR_ALL:
                     result.messages.append(f"Repairing cluster {cluster} refcount={have} reference={want}")
                     blk = await refcounts.block(cluster // refcounts.per_block)
                     blk[cluster % refcounts.per_block] = want
@@ -363,7 +365,7 @@ async def _check_pass(
         if repair is not None:
             await file.flush()
     except FormatError as exc:
-        result.messages.append(f"qemu-img: Could not open '{filename}': {exc}")
+        result.failure = f"Could not open '{filename}': {exc}"
         result.check_errors += 1
     finally:
         await file.close()
@@ -470,6 +472,8 @@ async def check_image(filename: str, repair: str | None = None) -> CheckResult:
     """Check (and with ``repair`` = "leaks" or "all", repair) a qcow2 image, as qemu-img check."""
     first = CheckResult(filename)
     fixed, first = await _check_pass(filename, repair, first)
+    if first.failure:
+        return first
     repaired_bitmaps: list[str] = []
     if repair == REPAIR_ALL and first.in_use_bitmaps and not first.corruptions and not first.check_errors:
         repaired_bitmaps = await _repair_bitmaps(filename)

@@ -1,0 +1,271 @@
+"""``pynbd img`` against ``qemu-img``: same output and exit codes for the same images, and images
+made by one command are what qemu expects (check, compare, map)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.peers import PYNBD, file_extents, have, run
+
+pytestmark = pytest.mark.skipif(not (have("qemu-img") and have("qemu-io")), reason="needs qemu-img and qemu-io")
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def img(*args: str, check: bool = True):
+    return run([PYNBD, "img", *args], check=check)
+
+
+def both(*args: str):
+    """Run the same command line through pynbd img and qemu-img."""
+    return img(*args, check=False), run(["qemu-img", *args], check=False)
+
+
+def assert_same(*args: str) -> None:
+    ours, theirs = both(*args)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr), args
+
+
+# -- damaging images ------------------------------------------------------------------------------
+
+
+def refcount_entry(path: Path, cluster: int) -> int:
+    """File offset of the 16-bit refcount of ``cluster`` (first refcount block only)."""
+    with open(path, "rb") as f:
+        head = f.read(104)
+    table = struct.unpack_from(">Q", head, 48)[0]
+    with open(path, "rb") as f:
+        f.seek(table)
+        block = struct.unpack(">Q", f.read(8))[0]
+    return block + 2 * cluster
+
+
+def set_refcount(path: Path, cluster: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(refcount_entry(path, cluster))
+        f.write(struct.pack(">H", value))
+
+
+def set_bitmap_in_use(path: Path) -> None:
+    data = path.read_bytes()[:65536]
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while True:
+        ext_type, length = struct.unpack_from(">II", data, pos)
+        if ext_type == 0:
+            raise AssertionError("no bitmaps extension")
+        if ext_type == 0x23852875:
+            directory = struct.unpack_from(">Q", data, pos + 8 + 16)[0]
+            with open(path, "r+b") as f:
+                f.seek(directory + 12)
+                flags = struct.unpack(">I", f.read(4))[0]
+                f.seek(directory + 12)
+                f.write(struct.pack(">I", flags | 1))
+            return
+        pos += 8 + (length + 7) // 8 * 8
+
+
+@pytest.fixture
+def image(workdir: Path) -> Path:
+    """A 8 MiB qcow2 with two data clusters and one L2 table (clusters 0..6), written by pynbd."""
+    path = workdir / "base.qcow2"
+    img("create", "-q", "-f", "qcow2", str(path), "8M")
+    run(["qemu-io", "-c", "write -P 7 0 128k", str(path)])
+    return path
+
+
+@pytest.mark.parametrize("damage", ["leak", "refcount-zero", "refcount-two", "in-use-bitmap", "clean"])
+def test_check_agrees_with_qemu_on_damaged_images(workdir: Path, image: Path, damage: str) -> None:
+    if damage == "leak":
+        with open(image, "r+b") as f:
+            f.truncate(image.stat().st_size + 65536)
+        set_refcount(image, image.stat().st_size // 65536 - 1, 1)
+    elif damage == "refcount-zero":
+        set_refcount(image, 4, 0)  # the L2 table: referenced, counted as unused
+    elif damage == "refcount-two":
+        set_refcount(image, 5, 2)  # a data cluster counted twice: a leak, and COPIED is now wrong
+    elif damage == "in-use-bitmap":
+        run(["qemu-img", "bitmap", "--add", str(image), "b"])
+        set_bitmap_in_use(image)
+    for output in ("human", "json"):
+        ours, theirs = both("check", f"--output={output}", str(image))
+        assert ours.returncode == theirs.returncode, (ours.stderr, theirs.stderr)
+        assert ours.stdout == theirs.stdout
+        qemu_lines = theirs.stderr.splitlines()
+        assert [line for line in ours.stderr.splitlines() if "in use" not in line] == qemu_lines
+    if damage == "in-use-bitmap":
+        assert "bitmap 'b' is in use" in ours.stderr
+
+    for level in ("leaks", "all"):
+        mine, qemus = workdir / f"mine-{level}.qcow2", workdir / f"qemu-{level}.qcow2"
+        shutil.copy(image, mine)
+        shutil.copy(image, qemus)
+        ours = img("check", "-r", level, str(mine), check=False)
+        theirs = run(["qemu-img", "check", "-r", level, str(qemus)], check=False)
+        assert ours.returncode == theirs.returncode, (level, ours.stdout, ours.stderr, theirs.stdout, theirs.stderr)
+        assert (
+            ours.stderr.replace("pynbd img:", "qemu-img:").splitlines()[: len(qemu_lines)]
+            == theirs.stderr.splitlines()[: len(qemu_lines)]
+        )
+        if damage == "in-use-bitmap" and level == "all":
+            # pynbd stores the bitmap back (new clusters), so only the image end offset differs
+            assert ours.stdout.splitlines()[:-1] == theirs.stdout.splitlines()[:-1]
+        else:
+            assert ours.stdout == theirs.stdout, level
+        # the image pynbd repaired is, to qemu, in the same state as the one qemu repaired
+        after = [run(["qemu-img", "check", str(p)], check=False).returncode for p in (mine, qemus)]
+        assert after[0] == after[1], level
+    if damage == "in-use-bitmap":
+        info = json.loads(run(["qemu-img", "info", "--output=json", str(workdir / "mine-all.qcow2")]).stdout)
+        assert info["format-specific"]["data"]["bitmaps"][0]["flags"] == ["auto"]
+
+
+def test_check_raw_is_unsupported(workdir: Path) -> None:
+    path = workdir / "disk.raw"
+    img("create", "-q", str(path), "1M")
+    ours, theirs = both("check", str(path))
+    assert ours.returncode == theirs.returncode == 63
+
+
+def test_create_info_map_match_qemu(workdir: Path) -> None:
+    base, top = workdir / "base.raw", workdir / "top.qcow2"
+    ours, theirs = both("create", "-f", "raw", str(base), "4M")
+    assert ours.stdout == theirs.stdout and ours.returncode == theirs.returncode == 0
+    run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 1M", str(base)])
+    ours, theirs = both("create", "-f", "qcow2", "-o", "cluster_size=32k", "-b", base.name, "-F", "raw", str(top), "8M")
+    assert (ours.stdout, ours.returncode) == (theirs.stdout, theirs.returncode)
+    run(["qemu-io", "-c", "write -P 2 512k 64k", "-c", "write -z 2M 128k", "-c", "write -P 3 3M 4k", str(top)])
+    assert_same("info", str(top))
+    assert_same("info", "--output=json", "--backing-chain", str(top))
+    assert_same("info", "--backing-chain", str(top))
+    assert_same("map", "--output=json", str(top))
+    assert_same("map", str(top))
+    assert_same("map", "--output=json", "--start-offset=1M", "--max-length=3M", str(top))
+
+
+def test_qcow2_created_by_pynbd_is_what_qemu_creates(workdir: Path) -> None:
+    for opts in ("cluster_size=512", "cluster_size=2M,refcount_bits=64", "compat=0.10", "compression_type=zstd"):
+        ours, theirs = workdir / "ours.qcow2", workdir / "theirs.qcow2"
+        img("create", "-q", "-f", "qcow2", "-o", opts, str(ours), "1G")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(theirs), "1G"])
+        assert run(["qemu-img", "check", str(ours)], check=False).returncode == 0
+        info = [json.loads(run(["qemu-img", "info", "--output=json", str(p)]).stdout) for p in (ours, theirs)]
+        for i in info:
+            i.pop("filename")
+            i.pop("actual-size")
+        assert info[0] == info[1], opts
+
+
+def test_compare_matches_qemu(workdir: Path) -> None:
+    a, b, c, d = (workdir / name for name in ("a.qcow2", "b.raw", "c.qcow2", "d.raw"))
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(a), "8M"])
+    run(["qemu-io", "-c", "write -P 5 1M 100k", str(a)])
+    run(["qemu-img", "convert", "-O", "raw", str(a), str(b)])
+    shutil.copy(a, c)
+    run(["qemu-io", "-c", "write -P 6 1500k 1", str(c)])
+    run(["qemu-img", "create", "-q", "-f", "raw", str(d), "10M"])
+    run(["qemu-io", "-f", "raw", "-c", "write -P 5 1M 100k", str(d)])
+    assert_same("compare", str(a), str(b))
+    assert_same("compare", str(a), str(c))
+    assert_same("compare", "-f", "qcow2", "-F", "raw", str(a), str(d))
+    assert_same("compare", "-s", str(a), str(d))
+    run(["qemu-io", "-f", "raw", "-c", "write -P 9 9M 512", str(d)])
+    assert_same("compare", str(a), str(d))
+
+
+def test_convert_both_ways_sparse(workdir: Path) -> None:
+    src, q, back = workdir / "src.raw", workdir / "conv.qcow2", workdir / "back.raw"
+    run(["qemu-img", "create", "-q", "-f", "raw", str(src), "64M"])
+    run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -P 2 40M 12k",
+            "-c",
+            "write -P 0 50M 1M",
+            str(src),
+        ]
+    )
+    img("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", str(src), str(q))
+    assert run(["qemu-img", "check", str(q)], check=False).returncode == 0
+    assert run(["qemu-img", "compare", str(src), str(q)]).returncode == 0
+    qmap = json.loads(run(["qemu-img", "map", "--output=json", str(q)]).stdout)
+    allocated = sum(e["length"] for e in qmap if e["data"])
+    assert allocated == 1 * MiB + 12 * 1024  # the written zeroes at 50M stayed sparse
+    img("convert", "-O", "raw", str(q), str(back))
+    assert back.read_bytes() == src.read_bytes()
+    assert sum(length for _, length, flags in file_extents(back) if not flags) <= 2 * MiB
+
+
+def test_commit_into_backing_file(workdir: Path) -> None:
+    base, top, expected = workdir / "base.qcow2", workdir / "top.qcow2", workdir / "expected.raw"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"])
+    run(["qemu-io", "-c", "write -P 1 0 8M", str(base)])
+    run(["qemu-img", "bitmap", "--add", str(base), "since-commit"])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top)])
+    run(["qemu-io", "-c", "write -P 2 1M 64k", "-c", "write -z 4M 1M", "-c", "write -P 3 12M 8k", str(top)])
+    run(["qemu-img", "convert", "-O", "raw", str(top), str(expected)])
+    assert img("commit", str(top)).stdout == "Image committed.\n"
+    assert run(["qemu-img", "check", str(base)], check=False).returncode == 0
+    assert run(["qemu-img", "compare", "-F", "raw", str(base), str(expected)]).returncode == 0
+    assert run(["qemu-img", "compare", "-F", "raw", str(top), str(expected)]).returncode == 0
+    top_map = json.loads(run(["qemu-img", "map", "--output=json", str(top)]).stdout)
+    assert all(entry["depth"] == 1 for entry in top_map)  # emptied
+    # the base's persistent bitmap saw the commit's writes
+    bitmaps = json.loads(run(["qemu-img", "info", "--output=json", str(base)]).stdout)
+    assert bitmaps["format-specific"]["data"]["bitmaps"][0]["flags"] == ["auto"]
+
+
+def test_large_sparse_image_written_by_pynbd(workdir: Path) -> None:
+    """Several GiB of virtual disk with data scattered all over: qemu-img check is clean and
+    qemu reads exactly what was written."""
+    import asyncio
+    import random
+
+    from pynbd.nodes.open import open_image
+
+    path, ref = workdir / "big.qcow2", workdir / "big.raw"
+    size = 6 * GiB
+    img("create", "-q", "-f", "qcow2", str(path), str(size))
+    with open(ref, "wb") as f:
+        f.truncate(size)
+    rng = random.Random(5)
+
+    async def go():
+        node = await open_image(str(path))
+        with open(ref, "r+b") as f:
+            for i in range(300):
+                offset = rng.randrange(0, size - MiB) // 512 * 512
+                length = rng.randrange(1, 256) * 512
+                if i % 7 == 3:
+                    await node.write_zeroes(offset, length)
+                    f.seek(offset)
+                    f.write(bytes(length))
+                elif i % 11 == 5:
+                    await node.discard(offset, 2 * MiB)
+                    start = (offset + 65535) // 65536 * 65536
+                    end = (offset + 2 * MiB) // 65536 * 65536
+                    f.seek(start)
+                    f.write(bytes(end - start))
+                else:
+                    data = rng.randbytes(length)
+                    await node.write(offset, data)
+                    f.seek(offset)
+                    f.write(data)
+        await node.close()
+
+    asyncio.run(go())
+    report = json.loads(run(["qemu-img", "check", "--output=json", str(path)]).stdout)
+    assert report["check-errors"] == 0 and "corruptions" not in report and "leaks" not in report
+    assert run(["qemu-img", "compare", "-F", "raw", str(path), str(ref)]).returncode == 0
+    ours = json.loads(img("check", "--output=json", str(path)).stdout)
+    assert ours == report | {"filename": str(path)}
