@@ -41,7 +41,7 @@ class VerifyResult:
     compared_bytes: int  # read on both sides
     skipped_bytes: int  # zero on both sides by block status: nothing to read
     seconds: float
-    mismatch: tuple[int, int] | None = None  # the first differing range, [start, end)
+    mismatch: tuple[int, int] | None = None  # the first differing range [start, end); sizes differ: the excess
 
     @property
     def equal(self) -> bool:
@@ -176,16 +176,17 @@ async def verify_chain(uri: str, chain_top: str, options: VerifyOptions | None =
             **connect_args,
         )  # fmt: skip
         try:
-            size = min(pool.size, node.size)
+            size = pool.size
             verifier = _Verifier(pool, node, options, size)
-            if size:
-                plan = segments(await _export_map(pool), await _image_map(node, size))
-                await verifier.run(plan)
-            else:
+            if pool.size != node.size:  # nothing to compare: the chain is not a backup of this disk
                 verifier.progress.close()
-            mismatch = min(verifier.mismatches) if verifier.mismatches else None
-            if mismatch is None and pool.size != node.size:
-                mismatch = (size, max(pool.size, node.size))
+                mismatch: tuple[int, int] | None = (min(pool.size, node.size), max(pool.size, node.size))
+            else:
+                if size:
+                    await verifier.run(segments(await _export_map(pool), await _image_map(node, size)))
+                else:
+                    verifier.progress.close()
+                mismatch = min(verifier.mismatches) if verifier.mismatches else None
             return VerifyResult(
                 export_size=pool.size,
                 image_size=node.size,

@@ -126,10 +126,7 @@ def _verify(args: argparse.Namespace, request_size: int) -> int:
         print(json.dumps(result.as_dict()))
     elif result.equal:
         print(f"{args.image} matches the export: {_size(result.export_size)}, {_size(result.compared_bytes)} compared")
-    elif result.export_size != result.image_size and result.mismatch == (
-        min(result.export_size, result.image_size),
-        max(result.export_size, result.image_size),
-    ):
+    elif result.export_size != result.image_size:
         print(f"size mismatch: the export is {result.export_size} bytes, {args.image} is {result.image_size} bytes")
     else:
         start, end = result.mismatch  # type: ignore[misc]
