@@ -141,9 +141,9 @@ class Qcow2Node(BlockNode):
         self._bitmap_tasks: set[asyncio.Task] = set()
         self._bitmap_directory: tuple[int, int] | None = None  # (offset, size) on disk
         self._lock = asyncio.Lock()
-        self._inflight_reads = 0
-        self._reads_idle = asyncio.Event()
-        self._reads_idle.set()
+        self._inflight_io = 0  # data reads and in-place writes running outside the lock
+        self._io_idle = asyncio.Event()
+        self._io_idle.set()
         self._compressed_cache: tuple[int, bytes] | None = None
         self.closed = False
 
@@ -192,6 +192,7 @@ class Qcow2Node(BlockNode):
             await file.read_into(header.l1_table_offset, memoryview(l1_bytes))
         l1 = table_from_bytes(l1_bytes)
         refcounts = await Refcounts.load(file, header)
+        refcounts.fresh_from = (file.size + header.cluster_size - 1) // header.cluster_size
         node = cls(
             file,
             header,
@@ -349,8 +350,7 @@ class Qcow2Node(BlockNode):
     async def read_into(self, offset: int, buf: memoryview) -> None:
         async with self._lock:
             plan = await self._map(offset, len(buf))
-            self._inflight_reads += 1
-            self._reads_idle.clear()
+            self._io_begin()
         try:
             for guest, length, kind, host in plan:
                 dst = buf[guest - offset : guest - offset + length]
@@ -365,9 +365,16 @@ class Qcow2Node(BlockNode):
                 else:
                     fill_zero(dst)
         finally:
-            self._inflight_reads -= 1
-            if not self._inflight_reads:
-                self._reads_idle.set()
+            self._io_end()
+
+    def _io_begin(self) -> None:
+        self._inflight_io += 1
+        self._io_idle.clear()
+
+    def _io_end(self) -> None:
+        self._inflight_io -= 1
+        if not self._inflight_io:
+            self._io_idle.set()
 
     async def _read_backing(self, guest: int, dst: memoryview) -> None:
         if self.backing is None:
@@ -410,10 +417,20 @@ class Qcow2Node(BlockNode):
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._require_writable()
         view = memoryview(data).cast("B")
+        in_place: list[tuple[int, memoryview]] = []
         async with self._lock:
-            await self._write_locked(offset, view)
-            if fua:
-                await self._flush_locked()
+            await self._write_locked(offset, view, in_place)
+            if in_place:
+                self._io_begin()
+        if in_place:
+            # overwrites of clusters this image owns need no metadata: let them run concurrently
+            # (a cluster freed meanwhile is not reused before they finish: see _writeback)
+            try:
+                await asyncio.gather(*(self.file.write(host, piece) for host, piece in in_place))
+            finally:
+                self._io_end()
+        if fua:
+            await self.flush()
 
     async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
         """The L2 table of ``l1_index``, allocating an empty one if there is none."""
@@ -432,7 +449,10 @@ class Qcow2Node(BlockNode):
             self.l1_dirty.add(l1_index)
         return l2_offset, await self._l2(l2_offset)
 
-    async def _write_locked(self, offset: int, view: memoryview) -> None:
+    async def _write_locked(
+        self, offset: int, view: memoryview, in_place: list[tuple[int, memoryview]] | None = None
+    ) -> None:
+        """Write under the lock; with ``in_place``, overwrites of owned clusters are only collected."""
         bits = self.cluster_bits
         pos, end = offset, offset + len(view)
         max_run = max(1, MAX_ALLOC_RUN >> bits)
@@ -455,27 +475,46 @@ class Qcow2Node(BlockNode):
                         j += 1
                     run_end = min(table_end, (base + j) << bits)
                     start_host = host + (pos - ((base + i) << bits))
-                    await self.file.write(start_host, view[pos - offset : run_end - offset])
+                    if in_place is None:
+                        await self.file.write(start_host, view[pos - offset : run_end - offset])
+                    else:
+                        in_place.append((start_host, view[pos - offset : run_end - offset]))
                 else:
                     j = i + 1
                     while (base + j) << bits < table_end and not _writable_in_place(table[j]) and j - i < max_run:
                         j += 1
                     run_end = min(table_end, (base + j) << bits)
-                    await self._write_new_clusters(table, base + i, j - i, pos, run_end, view[pos - offset :])
+                    await self._write_new_clusters(table, base + i, j - i, pos, run_end, view[pos - offset :], in_place)
                     self.l2cache.mark_dirty(l2_offset)
                 pos = run_end
 
     async def _write_new_clusters(
-        self, table: array, first: int, count: int, pos: int, end: int, data: memoryview
+        self,
+        table: array,
+        first: int,
+        count: int,
+        pos: int,
+        end: int,
+        data: memoryview,
+        in_place: list[tuple[int, memoryview]] | None = None,
     ) -> None:
         """Copy-on-write ``count`` clusters from guest cluster ``first``: new clusters get the old
-        content around the written part, then the L2 entries switch and the old clusters are freed."""
+        content around the written part, then the L2 entries switch and the old clusters are freed.
+
+        A write that carries only the caller's bytes (whole clusters, or fresh clusters) may be left
+        to run outside the lock (``in_place``); one that also writes old content around them may
+        not, or it could overwrite a concurrent write to another part of the same cluster."""
         bits, cs = self.cluster_bits, self.cluster_size
         base = first - first % self.l2_entries
         start, stop = first << bits, (first + count) << bits
-        host = await self.refcounts.alloc(count)
+        host, fresh = await self.refcounts.alloc_fresh(count)
+        write_at = host
         if pos == start and end == stop:
             payload: bytes | bytearray | memoryview = data[: end - pos]
+        elif fresh and await self._old_content_is_zero(table, first, base, count, pos > start, end < stop):
+            # never-used clusters already read as zeroes: write only the new bytes, as qemu does
+            payload = data[: end - pos]
+            write_at = host + pos - start
         else:
             buf = bytearray(count * cs)
             if pos > start:
@@ -485,12 +524,30 @@ class Qcow2Node(BlockNode):
                 buf[(count - 1) * cs :] = await self._cluster_content(last, table[last - base])
             buf[pos - start : end - start] = data[: end - pos]
             payload = buf
-        await self.file.write(host, payload)
+        if in_place is not None and isinstance(payload, memoryview):
+            in_place.append((write_at, payload))
+        else:
+            await self.file.write(write_at, payload)
         for k in range(count):
             index = first - base + k
             old = table[index]
             table[index] = (host + (k << bits)) | OFLAG_COPIED
             self._release(old)
+
+    async def _old_content_is_zero(
+        self, table: array, first: int, base: int, count: int, head: bool, tail: bool
+    ) -> bool:
+        """Whether the parts of the first/last cluster a write keeps read as zeroes now."""
+        for cluster, partial in ((first, head), (first + count - 1, tail)):
+            if not partial:
+                continue
+            kind = entry_kind(table[cluster - base])
+            if kind in (ZERO_PLAIN, ZERO_ALLOC):
+                continue
+            if kind == UNALLOCATED and (self.backing is None or (cluster << self.cluster_bits) >= self.backing.size):
+                continue
+            return False
+        return True
 
     def _release(self, entry: int) -> None:
         """Queue the clusters an entry pointed at for freeing once the new entry is on disk."""
@@ -626,6 +683,8 @@ class Qcow2Node(BlockNode):
 
     async def _writeback(self) -> None:
         """Write cached metadata in the order that leaves only leaks after a crash."""
+        while self._inflight_io:  # data the new entries point at is written before the entries
+            await self._io_idle.wait()
         wrote_refcounts = await self.refcounts.write_dirty()
         tables_written = False
         if self.l2cache.dirty or self.l1_dirty:
@@ -638,8 +697,6 @@ class Qcow2Node(BlockNode):
                 await self._write_l1()
             tables_written = True
         if self.refcounts.pending_free:
-            while self._inflight_reads:
-                await self._reads_idle.wait()
             if tables_written:
                 await self.file.flush()
             freed = await self.refcounts.apply_frees()

@@ -62,6 +62,9 @@ class Refcounts:
         #: (first cluster, count) whose refcount drops once the tables that referenced them are on disk
         self.pending_free: list[tuple[int, int]] = []
         self.free_hint = 0
+        #: clusters from here on have never been allocated since the image was opened, and lie past
+        #: what the file held then: they read as zeroes until written (set by the owner at open)
+        self.fresh_from = 1 << 62
         self.max_cached_blocks = max_cached_blocks or max(64, (32 << 20) // self.cluster_size)
 
     @classmethod
@@ -153,13 +156,19 @@ class Refcounts:
 
     async def alloc(self, count: int) -> int:
         """Byte offset of ``count`` newly allocated contiguous clusters (refcount 1 each, in the cache)."""
+        return (await self.alloc_fresh(count))[0]
+
+    async def alloc_fresh(self, count: int) -> tuple[int, bool]:
+        """Like :meth:`alloc`, and whether the clusters are fresh (never written: they read as zeroes)."""
         while True:
             first_free, start = await self._find_free(count)
             missing = self._first_missing_block(start, count)
             if missing is None:
                 await self._add(start, count, 1)
                 self.free_hint = start + count if first_free == start else first_free
-                return start * self.cluster_size
+                fresh = start >= self.fresh_from
+                self.fresh_from = max(self.fresh_from, start + count)
+                return start * self.cluster_size, fresh
             if missing >= len(self.table):
                 await self._grow_table(missing + 1)
                 continue
@@ -167,6 +176,7 @@ class Refcounts:
             place = max(start, missing * self.per_block)
             blk = new_block(self.per_block, self.bits)
             blk[place - missing * self.per_block] = 1
+            self.fresh_from = max(self.fresh_from, place + 1)
             self.table[missing] = place * self.cluster_size
             self.dirty_table.add(missing)
             self.dirty_blocks.add(missing)
