@@ -3,4 +3,15 @@
 
 def load_commands() -> None:
     """Import every command module so that they register their QMP handlers."""
-    from pynbd.daemon import bitmaps, blockdev, blockjobs, exports, fleecing, formats, jobs, misc, objects  # noqa: F401,E501
+    from pynbd.daemon import (  # noqa: F401
+        bitmaps,
+        blockdev,
+        blockjobs,
+        exports,
+        filters,
+        fleecing,
+        formats,
+        jobs,
+        misc,
+        objects,
+    )

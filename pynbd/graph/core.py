@@ -229,6 +229,24 @@ class BlockGraph:
         if own:
             tran.commit()
 
+    def set_child(self, tran: Transaction, parent: BlockNode, name: str, child: BlockNode | None) -> None:
+        """Attach, re-point or remove ``parent``'s child ``name`` inside ``tran`` (blockdev-reopen).
+
+        The caller refreshes permissions once for everything it changed in the transaction."""
+        link = parent.children.get(name)
+        if link is not None and link.node is child:
+            return
+        if link is not None and link.frozen:
+            raise FrozenLinkError(f"Cannot change frozen '{name}' link of '{parent.node_name}'")
+        if child is not None and any(n is parent for n in descendants(child)):
+            raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
+        if link is None:
+            self._link(tran, ChildLink(parent, name, child, parent.child_role(name), NONE, ALL))
+        elif child is None:
+            self._unlink(tran, link)
+        else:
+            self._repoint(tran, link, child)
+
     def replace_node(
         self, old: BlockNode, new: BlockNode, keep: Iterable[ChildLink] = (), tran: Transaction | None = None
     ) -> None:

@@ -160,7 +160,11 @@ class Job:
             await self._resumed.wait()
             if self.cancelled:
                 raise JobCancelled()
-            self._transition(JobStatus.RUNNING if self.status is JobStatus.PAUSED else JobStatus.READY)
+            # several workers may wake here; the first one moves the state back
+            if self.status is JobStatus.PAUSED:
+                self._transition(JobStatus.RUNNING)
+            elif self.status is JobStatus.STANDBY:
+                self._transition(JobStatus.READY)
         if done_bytes and self.speed:
             self._rate_bytes += done_bytes
             due = self._rate_start + self._rate_bytes / self.speed

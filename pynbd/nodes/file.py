@@ -195,15 +195,16 @@ class FileNode(BlockNode):
         tran.add(abort=undo, commit=lambda: locks.apply(self.fd, perm, shared, strict=False))
 
     async def reopen(self, read_only: bool) -> None:
-        """Open the file again with the new access mode; the graph re-takes the locks after."""
+        """Open the file again with the new access mode, holding the same locks throughout."""
         if read_only == self.read_only:
             return
         if not self.read_only:
             await self.flush()
         fd = os.open(self.filename, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        if self.locking:  # carry the locks over before the old descriptor (and its locks) goes
+            locks.apply(fd, *self._locked, strict=False)
         old, self.fd = self.fd, fd
-        os.close(old)  # its OFD locks go with it
-        self._locked = (Perm(0), Perm.all())
+        os.close(old)
         self.read_only = read_only
 
     async def close(self) -> None:
