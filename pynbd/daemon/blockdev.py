@@ -18,6 +18,7 @@ from pynbd.graph.core import GraphUser, filtered_or_cow_child
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockNode
 from pynbd.nodes.file import FileNode
+from pynbd.nodes.nbd import NBDNode, target_from_options
 from pynbd.nodes.null import NullNode
 from pynbd.nodes.raw import RawNode
 from pynbd.qmp.protocol import QMPError
@@ -125,6 +126,58 @@ async def open_raw(daemon: Daemon, options: dict, created: list[BlockNode]) -> B
 @driver("null-co", {"*size": "uint", "*read-zeroes": "bool", "*latency-ns": "uint"})
 async def open_null(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
     return NullNode(options.get("size", 1 << 30), read_zeroes=options.get("read-zeroes", False))
+
+
+SOCKET_ADDRESS: Spec = {  # qemu's flat SocketAddress
+    "type": ("unix", "inet", "vsock", "fd"),
+    "*path": "str",
+    "*abstract": "bool",
+    "*tight": "bool",
+    "*host": "str",
+    "*port": "str",
+    "*numeric": "bool",
+    "*to": "uint",
+    "*ipv4": "bool",
+    "*ipv6": "bool",
+    "*keep-alive": "bool",
+    "*mptcp": "bool",
+    "*cid": "str",
+    "*str": "str",
+}
+
+
+@driver(
+    "nbd",
+    {
+        "server": SOCKET_ADDRESS,
+        "*export": "str",
+        "*tls-creds": "str",
+        "*tls-hostname": "str",
+        "*x-dirty-bitmap": "str",
+        "*reconnect-delay": "uint",
+        "*open-timeout": "uint",
+    },
+)
+async def open_nbd(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
+    from pynbd.daemon.objects import tls_creds
+
+    certificates, verify = None, True
+    if "tls-creds" in options:
+        creds = tls_creds(daemon, options["tls-creds"], "client")
+        certificates, verify = creds.dir, creds.verify_peer
+    target = target_from_options(
+        options["server"], options.get("export", ""), "tls-creds" in options, options.get("tls-hostname")
+    )
+    node = NBDNode(
+        target,
+        read_only=options.get("read-only", False),
+        auto_read_only=options.get("auto-read-only", False),
+        dirty_bitmap=options.get("x-dirty-bitmap"),
+        tls_certificates=certificates,
+        tls_verify_peer=verify,
+    )
+    await node.open()
+    return node
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -237,7 +290,7 @@ def node_info(node: BlockNode) -> dict:
 
 @command("query-named-block-nodes", {"*flat": "bool"})
 async def query_named_block_nodes(daemon: Daemon, args: dict) -> list:
-    return [node_info(node) for node in daemon.graph.nodes.values()]
+    return [node_info(node) for node in reversed(daemon.graph.nodes.values())]  # newest first, as qemu
 
 
 @command("x-debug-query-block-graph")
