@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from array import array
 
 from pynbd.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, NodeBitmap, check_granularity
@@ -146,6 +147,7 @@ class Qcow2Node(BlockNode):
         self._io_idle.set()
         self._compressed_cache: tuple[int, bytes] | None = None
         self.closed = False
+        self._metadata_preallocated: bool | None = None  # decided on first use, as qemu does
 
     @property
     def file(self) -> BlockNode:
@@ -758,10 +760,32 @@ class Qcow2Node(BlockNode):
         return merge_extents(extents)
 
     async def host_status(self, host: int, length: int) -> list[Extent]:
-        """Data clusters whose host range is a hole in the file read as zeroes (qemu asks the file
-        too and reports such ranges as ZERO, still allocated)."""
+        """Data clusters whose host range is a hole in the file read as zeroes (ZERO, still
+        allocated), but qemu asks the file only for images with preallocated metadata (qcow2's
+        BDRV_BLOCK_RECURSE); in any other image an allocated cluster is data, holes or not."""
+        if not await self._is_metadata_preallocated():
+            return [(length, DATA)]
         extents = await self.file.block_status(host, length)
         return [(n, ZERO_DATA if flags & int(State.ZERO) else DATA) for n, flags in extents]
+
+    async def _is_metadata_preallocated(self) -> bool:
+        """qemu's qcow2_detect_metadata_preallocation: the refcounts claim clearly more clusters
+        (10/9, at least 2 more) than the file really has allocated."""
+        if self._metadata_preallocated is None:
+            fd = getattr(self.file, "fd", None)
+            result = False
+            if fd is not None:
+                st = os.fstat(fd)
+                real_clusters = st.st_blocks * 512 // self.cluster_size
+                threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+                counted = 0
+                for cluster in range(-(-st.st_size // self.cluster_size)):
+                    counted += bool(await self.refcounts.get(cluster))
+                    if counted >= threshold:
+                        result = True
+                        break
+            self._metadata_preallocated = result
+        return self._metadata_preallocated
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         extents: list[Extent] = []
