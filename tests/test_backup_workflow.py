@@ -13,6 +13,7 @@ bitmaps the daemon persisted in the qcow2 file are read back by qemu-img and qem
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd
+import pytest
 
 from tests.peers import PYNBD, run
 
@@ -422,3 +424,60 @@ def test_pull_workflow_old_way_same_as_qemu_storage_daemon(start_daemon, start_q
         assert (mine.data_bytes, mine.zero_bytes) == (theirs.data_bytes, theirs.zero_bytes)
     # the same bitmaps; the order of the directory differs (qemu writes its newest bitmap first)
     assert sorted(our_bitmaps, key=lambda b: b["name"]) == sorted(qemu_bitmaps, key=lambda b: b["name"])
+
+
+def test_incremental_from_a_view_limited_to_the_bitmap(start_daemon, workdir):
+    """copy-before-write with ``bitmap``: the view refuses reads and block status outside the dirty
+    clusters (EACCES, as qemu's), so pynbd backup asks for the bitmap alone and still restores exactly."""
+    disk = workdir / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(SIZE)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 4M", str(disk)])
+    daemon = start_daemon(
+        "pynbd",
+        "--blockdev",
+        f"driver=file,node-name=f0,filename={disk}",
+        "--blockdev",
+        "driver=qcow2,node-name=d0,file=f0",
+    )
+    daemon.ok("block-export-add", type="nbd", id="w", **{"node-name": "d0"}, name="w", writable=True)
+    daemon.ok("block-dirty-bitmap-add", node="d0", name="c0", granularity=GRANULARITY)
+    full = workdir / "full.qcow2"
+    run([PYNBD, "backup", "full", daemon.uri("w"), str(full)])  # nobody writes: the disk at c0
+    guest = Guest(daemon.uri("w"))
+    guest.apply([("write", MiB + 100, 5000, 7), ("zero", 2 * MiB, 2 * GRANULARITY, 0), ("write", 9 * MiB, 512, 9)])
+    at_fleecing = guest.read_all()
+    scratch = workdir / "scratch.raw"
+    with open(scratch, "wb") as f:
+        f.truncate(SIZE)
+    daemon.ok("blockdev-add", driver="file", filename=str(scratch), **{"node-name": "scratch"})
+    # the filter takes the bitmap's content when it is inserted: fill it in the same transaction
+    bitmap = {"node": "d0", "name": "since-c0"}
+    daemon.ok("block-dirty-bitmap-add", **bitmap, disabled=True, granularity=GRANULARITY)
+    cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "d0", "target": "scratch", "bitmap": bitmap}
+    daemon.ok("blockdev-add", **cbw)
+    daemon.ok(
+        "transaction",
+        actions=[
+            {"type": "block-dirty-bitmap-merge", "data": {"node": "d0", "target": "since-c0", "bitmaps": ["c0"]}},
+            {"type": "block-dirty-bitmap-clear", "data": {"node": "d0", "name": "c0"}},
+            {"type": "blockdev-insert-filter", "data": {"filter": "cbw"}},
+        ],
+    )
+    daemon.ok("blockdev-add", driver="snapshot-access", file="cbw", **{"node-name": "snap"})
+    daemon.ok("block-export-add", type="nbd", id="b", **{"node-name": "snap"}, name="b", bitmaps=[bitmap])
+    guest.apply([("write", MiB, 4096, 3), ("write", 2 * MiB, 4096, 4)])  # after the fleecing point
+    reader = nbd.NBD()
+    reader.add_meta_context("base:allocation")
+    reader.connect_uri(daemon.uri("b"))
+    with pytest.raises(nbd.Error) as refused:
+        reader.block_status(SIZE, 0, lambda *args: 0)
+    assert refused.value.errnum == errno.EPERM  # EACCES on the wire
+    reader.shutdown()
+    inc = workdir / "inc.qcow2"
+    argv = [PYNBD, "backup", "incremental", daemon.uri("b"), "--bitmap", "since-c0", "--base", str(full), str(inc)]
+    result = json.loads(run([*argv, "--json"]).stdout)
+    guest.close()
+    assert result["dirty"] == clusters([(MiB + 100, 5000), (2 * MiB, 2 * GRANULARITY), (9 * MiB, 512)])
+    restored = workdir / "restored.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(inc), str(restored)])
+    assert sha(restored.read_bytes()) == sha(at_fleecing)

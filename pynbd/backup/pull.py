@@ -32,6 +32,7 @@ from pynbd.client.copy import (
     open_source,
 )
 from pynbd.client.errors import NBDError
+from pynbd.client.pool import connect_pool
 from pynbd.client.uri import URIError
 from pynbd.nodes.base import BlockError
 from pynbd.nodes.open import open_image, probe_format
@@ -152,6 +153,20 @@ async def _base_image(base: str) -> tuple[str, int]:
         await node.close()
 
 
+async def _allocation_readable(source: NBDDisk) -> bool:
+    """Whether the export answers block status over the whole disk with base:allocation included."""
+    pool = source.pool
+    if BASE_ALLOCATION not in pool.contexts or not pool.size:
+        return True
+    try:
+        await pool.block_status(pool.size, 0)
+    except NBDError as exc:
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 async def _pull(
     uri: str, output: str, bitmap: str | None, base: str | None, options: BackupOptions, connect_args: dict
 ) -> BackupResult:
@@ -176,6 +191,16 @@ async def _pull(
     created = False
     try:
         source = await open_source(uri, copy_options, executor, **connect_args)
+        if bitmap and not await _allocation_readable(source):
+            # a copy-before-write view limited to the bitmap refuses block status outside it (as
+            # qemu's does, EACCES): ask for the bitmap alone and read every dirty range as data
+            await source.close()
+            source = None
+            pool = await connect_pool(
+                uri, copy_options.connections, meta_contexts=[copy_options.map_context],
+                max_requests=copy_options.requests, **connect_args,
+            )  # fmt: skip
+            source = NBDDisk(pool)
         size = source.size
         assert size is not None
         if size % 512:
