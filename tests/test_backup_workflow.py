@@ -348,6 +348,7 @@ class Workflow:
 
         assert sha(self.raw_restore.read_bytes()) == observed.data, f"round {k}: libnbd pull differs"
         restored = self.dir / "restored.raw"
+        run(["qemu-img", "check", str(top)])
         run(["qemu-img", "convert", "-O", "raw", str(top), str(restored)])
         assert sha(restored.read_bytes()) == observed.data, f"round {k}: the chain does not restore the disk"
         if k:
