@@ -19,17 +19,21 @@ from pynbd.qcow2.layout import table_from_bytes, table_to_bytes
 class L2Cache:
     def __init__(
         self,
-        file: BlockNode,
+        file: BlockNode | Callable[[], BlockNode],
         cluster_size: int,
         writeback: Callable[[], Awaitable[None]],
         max_bytes: int = 8 << 20,
     ) -> None:
-        self.file = file
+        self._file = file if callable(file) else (lambda: file)
         self.cluster_size = cluster_size
         self.writeback = writeback
         self.max_tables = max(16, max_bytes // cluster_size)
         self.tables: OrderedDict[int, array] = OrderedDict()
         self.dirty: set[int] = set()
+
+    @property
+    def file(self) -> BlockNode:
+        return self._file()
 
     async def get(self, offset: int) -> array:
         table = self.tables.get(offset)

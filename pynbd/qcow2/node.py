@@ -134,7 +134,8 @@ class Qcow2Node(BlockNode):
         self.l2_entries = header.l2_entries
         self.l2_span = self.l2_entries << self.cluster_bits
         self.l1_dirty: set[int] = set()
-        self.l2cache = L2Cache(file, self.cluster_size, self._writeback)
+        self.refcounts._file = lambda: self.file  # noqa: SLF001 - follow the graph's file link
+        self.l2cache = L2Cache(lambda: self.file, self.cluster_size, self._writeback)
         #: the bitmap directory as it is on disk: (entry, its bitmap table) per bitmap
         self.disk_bitmaps: list[tuple[bm.DirEntry, array]] = []
         #: names of the bitmaps that were IN_USE when opened (not saved after their last change)
@@ -193,7 +194,7 @@ class Qcow2Node(BlockNode):
         if l1_bytes:
             await file.read_into(header.l1_table_offset, memoryview(l1_bytes))
         l1 = table_from_bytes(l1_bytes)
-        refcounts = await Refcounts.load(file, header)
+        refcounts = await Refcounts.load(file, header)  # re-pointed at node.file below
         refcounts.fresh_from = (file.size + header.cluster_size - 1) // header.cluster_size
         node = cls(
             file,

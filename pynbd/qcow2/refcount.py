@@ -15,6 +15,7 @@ import errno
 import struct
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.qcow2.layout import OFFSET_MASK, REFT_RESERVED, Header, table_from_bytes, table_to_bytes
@@ -48,8 +49,11 @@ def new_block(entries: int, bits: int) -> array:
 class Refcounts:
     """Refcounts of one image, with a write-back cache of refcount blocks."""
 
-    def __init__(self, file: BlockNode, header: Header, table: array, max_cached_blocks: int = 0) -> None:
-        self.file = file
+    def __init__(
+        self, file: BlockNode | Callable[[], BlockNode], header: Header, table: array, max_cached_blocks: int = 0
+    ) -> None:
+        #: the node's current ``file`` child (a callable, so that a graph may re-point the link)
+        self._file = file if callable(file) else (lambda: file)
         self.header = header
         self.cluster_size = header.cluster_size
         self.bits = header.refcount_bits
@@ -67,11 +71,16 @@ class Refcounts:
         self.fresh_from = 1 << 62
         self.max_cached_blocks = max_cached_blocks or max(64, (32 << 20) // self.cluster_size)
 
+    @property
+    def file(self) -> BlockNode:
+        return self._file()
+
     @classmethod
-    async def load(cls, file: BlockNode, header: Header) -> Refcounts:
+    async def load(cls, file: BlockNode | Callable[[], BlockNode], header: Header) -> Refcounts:
+        node = file() if callable(file) else file
         size = header.refcount_table_clusters * header.cluster_size
         buf = bytearray(size)
-        await file.read_into(header.refcount_table_offset, memoryview(buf))
+        await node.read_into(header.refcount_table_offset, memoryview(buf))
         return cls(file, header, table_from_bytes(buf))
 
     # -- lookups -----------------------------------------------------------------------------
