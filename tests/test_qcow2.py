@@ -13,7 +13,7 @@ import pytest
 from pynbd.nodes.open import open_image
 from pynbd.qcow2.create import CreateOptions, create_qcow2
 from pynbd.qcow2.node import Qcow2Node
-from tests.peers import have, run
+from tests.peers import PYNBD, have, run
 
 pytestmark = pytest.mark.skipif(not have("qemu-img"), reason="needs qemu-img")
 
@@ -215,3 +215,31 @@ def test_concurrent_disjoint_writes_into_the_same_clusters(workdir: Path, with_b
     assert asyncio.run(go()) == bytes(expected)
     qemu_check(path)
     assert qemu_read(path) == bytes(expected)
+
+
+def test_extended_l2_images_read_as_qemu_reads_them(workdir: Path) -> None:
+    """Subclusters (extended L2 entries): partly allocated, zero and unallocated subclusters over a
+    backing file, plus compressed clusters, read and map exactly as qemu; writing is refused."""
+    base, top, packed = workdir / "base.raw", workdir / "top.qcow2", workdir / "packed.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "raw", str(base), "8M"])
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 8M", str(base)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", base.name, "-F", "raw", str(top)])
+    run(
+        ["qemu-io", "-c", "write -P 0x22 2k 4k", "-c", "write -z 100k 10k", "-c", "write -P 0x33 1M 64k"]
+        + ["-c", "discard 1M 16k", "-c", "write -P 0x44 3M 1k", str(top)]
+    )
+    run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "extended_l2=on", str(top), str(packed)])
+    for path in (top, packed):
+        ours = run([PYNBD, "img", "map", "--output=json", str(path)]).stdout
+        assert ours == run(["qemu-img", "map", "--output=json", str(path)]).stdout
+
+        async def go(path=path) -> bytes:
+            node = await open_image(str(path), read_only=True)
+            data = await read_all(node)
+            await node.close()
+            return data
+
+        assert asyncio.run(go()) == qemu_read(path)
+        assert run([PYNBD, "img", "check", str(path)]).stdout == run(["qemu-img", "check", str(path)]).stdout
+    refused = run([PYNBD, "img", "bitmap", "--add", str(top), "b"], check=False)
+    assert refused.returncode == 1 and "extended L2" in refused.stderr

@@ -179,8 +179,10 @@ class Qcow2Node(BlockNode):
         """Open an image on ``file``; ``backing`` is the already opened backing node, if any."""
         header = header or await read_header(file)
         check_openable(header)
-        if header.extended_l2:
-            raise FormatError("qcow2 images with extended L2 entries (subclusters) are not supported")
+        if header.extended_l2 and not read_only:
+            raise FormatError(
+                "writing qcow2 images with extended L2 entries (subclusters) is not supported; open it read-only"
+            )
         if not read_only:
             if header.nb_snapshots:
                 raise FormatError("writing qcow2 images with internal snapshots is not supported; open it read-only")
@@ -318,6 +320,10 @@ class Qcow2Node(BlockNode):
                 continue
             table = await self._l2(l2_offset)
             base = l1_index * self.l2_entries
+            if self.header.extended_l2:
+                self._map_subclusters(out, table, base, pos, table_end)
+                pos = table_end
+                continue
             while pos < table_end:
                 cluster = pos >> bits
                 entry = table[cluster - base]
@@ -332,6 +338,35 @@ class Qcow2Node(BlockNode):
                 self._append_run(out, pos, next_pos - pos, kind, host)
                 pos = next_pos
         return [(g, n, k, h) for g, n, k, h in out]
+
+    def _map_subclusters(self, out: list[list[int]], table: array, base: int, pos: int, end: int) -> None:
+        """Extended L2 entries: each cluster has 32 subclusters, allocated, zero or unallocated on
+        their own (an entry is followed by its bitmap: allocation bits low, zero bits high)."""
+        bits, cs = self.cluster_bits, self.cluster_size
+        sc_bits = bits - 5
+        while pos < end:
+            cluster = pos >> bits
+            entry, bitmap = table[2 * (cluster - base)], table[2 * (cluster - base) + 1]
+            cluster_end = min(end, (cluster + 1) << bits)
+            if entry & OFLAG_COMPRESSED:
+                self._append_run(out, pos, cluster_end - pos, COMPRESSED, entry)
+                pos = cluster_end
+                continue
+            host = entry & OFFSET_MASK
+            if not host and bitmap & 0xFFFFFFFF:
+                raise BlockError(errno.EIO, f"qcow2: subclusters allocated without a host cluster ({entry:#x})")
+            while pos < cluster_end:
+                sub = (pos >> sc_bits) & 31
+                sub_end = min(cluster_end, ((pos >> sc_bits) + 1) << sc_bits)
+                if bitmap >> (32 + sub) & 1:
+                    kind = ZERO_ALLOC if host else ZERO_PLAIN
+                elif bitmap >> sub & 1:
+                    kind = NORMAL
+                else:
+                    kind = UNALLOCATED
+                where = host + (pos & (cs - 1)) if kind in (NORMAL, ZERO_ALLOC) else 0
+                self._append_run(out, pos, sub_end - pos, kind, where)
+                pos = sub_end
 
     @staticmethod
     def _append_run(out: list[list[int]], pos: int, length: int, kind: int, host: int) -> None:
