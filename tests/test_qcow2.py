@@ -243,3 +243,24 @@ def test_extended_l2_images_read_as_qemu_reads_them(workdir: Path) -> None:
         assert run([PYNBD, "img", "check", str(path)]).stdout == run(["qemu-img", "check", str(path)]).stdout
     refused = run([PYNBD, "img", "bitmap", "--add", str(top), "b"], check=False)
     assert refused.returncode == 1 and "extended L2" in refused.stderr
+
+
+def test_dirty_lazy_refcounts_image_is_repaired_on_read_write_open(workdir: Path) -> None:
+    """qemu killed while writing an image with lazy refcounts leaves the dirty bit and stale
+    refcounts; opening it read-write repairs it first, as qemu does."""
+    path = workdir / "lazy.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), "8M"])
+    run(["qemu-io", "-c", "write -P 5 0 128k", "-c", "flush", "-c", "sigraise 9", str(path)], check=False)
+    assert json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)["dirty-flag"]
+    assert run(["qemu-img", "check", str(path)], check=False).returncode == 2
+
+    async def go() -> None:
+        node = await open_image(str(path))
+        await node.write(1 * MiB, b"\x06" * 65536)
+        await node.close()
+
+    asyncio.run(go())
+    qemu_check(path)
+    assert not json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)["dirty-flag"]
+    data = qemu_read(path)
+    assert data[: 128 * 1024] == b"\x05" * 128 * 1024 and data[MiB : MiB + 65536] == b"\x06" * 65536

@@ -8,11 +8,14 @@ files are opened read-only unless the caller asks for a layer to be writable (``
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.file import FileNode, check_raw_file
-from pynbd.qcow2.layout import MAGIC, FormatError
+from pynbd.qcow2.layout import INCOMPAT_DIRTY, MAGIC, FormatError
+
+log = logging.getLogger("pynbd.open")
 
 FORMATS = ("raw", "qcow2")
 MAX_CHAIN = 256
@@ -69,6 +72,8 @@ async def open_image(
         return file
     try:
         header = await read_header(file)
+        if not layer_read_only and header.incompatible_features & INCOMPAT_DIRTY:
+            file, header = await _repair_dirty(filename, file, node_name)
         backing_node = None
         if backing and header.backing_file:
             backing_name = resolve_backing(filename, header.backing_file)
@@ -101,6 +106,20 @@ async def open_image(
     except BaseException:
         await file.close()
         raise
+
+
+async def _repair_dirty(filename: str, file: FileNode, node_name: str):
+    """A lazy-refcounts image left with the dirty bit: rebuild its refcounts before writing (as qemu)."""
+    from pynbd.qcow2.check import REPAIR_ALL, check_image
+    from pynbd.qcow2.node import read_header
+
+    log.warning("%s: the image was not closed cleanly (dirty bit set): repairing its refcounts", filename)
+    await file.close()
+    result = await check_image(filename, REPAIR_ALL)
+    if result.corruptions or result.check_errors:
+        raise BlockError(errno.EIO, f"{filename}: could not repair the refcounts: {result.failure or 'errors remain'}")
+    file = FileNode(filename, node_name=f"{node_name}-file" if node_name else "")
+    return file, await read_header(file)
 
 
 def chain(node: BlockNode) -> list[BlockNode]:
