@@ -12,7 +12,8 @@ import asyncio
 import errno
 from collections.abc import Callable, Iterable
 
-from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.base import BACKGROUND_IO, BlockError, BlockNode
+from pynbd.priority import foreground
 from pynbd.protocol.constants import State
 
 DEFAULT_CHUNK = 1024 * 1024
@@ -29,6 +30,44 @@ class CopyError(BlockError):
         self.operation = operation
 
 
+Staged = list[tuple[int, int, bytearray | None]]  # (offset, length, data or None for zeroes)
+
+
+async def read_chunk(source: BlockNode, offset: int, length: int) -> Staged:
+    """Read a range as the pieces to write: data buffers, and zero ranges as ``None``."""
+    staged: Staged = []
+    pos, end = offset, offset + length
+    try:
+        for ext_len, state in await source.block_status(offset, length):
+            piece = min(ext_len, end - pos)
+            if state & State.ZERO:
+                staged.append((pos, piece, None))
+            else:
+                buf = bytearray(piece)
+                await source.read_into(pos, memoryview(buf))
+                staged.append((pos, piece, buf))
+            pos += piece
+    except (BlockError, OSError) as exc:
+        raise CopyError("read", exc) from exc
+    return staged
+
+
+async def write_chunk(
+    target: BlockNode, staged: Staged, *, serialising: bool = False, target_is_zero: bool = False
+) -> None:
+    try:
+        for pos, piece, buf in staged:
+            if buf is None:
+                if not target_is_zero:
+                    await target.write_zeroes(pos, piece, may_trim=True)
+            elif serialising:
+                await target.serialising_write(pos, buf)
+            else:
+                await target.write(pos, buf)
+    except (BlockError, OSError) as exc:
+        raise CopyError("write", exc) from exc
+
+
 async def copy_chunk(
     source: BlockNode,
     target: BlockNode,
@@ -38,34 +77,11 @@ async def copy_chunk(
     serialising: bool = False,
     target_is_zero: bool = False,
 ) -> int:
-    """Copy ``[offset, offset+length)``; returns the bytes examined. Raises :class:`CopyError`."""
-    pos, end = offset, offset + length
-    try:
-        extents = await source.block_status(offset, length)
-    except (BlockError, OSError) as exc:
-        raise CopyError("read", exc) from exc
-    for ext_len, state in extents:
-        piece = min(ext_len, end - pos)
-        if state & State.ZERO:
-            if not target_is_zero:
-                try:
-                    await target.write_zeroes(pos, piece, may_trim=True)
-                except (BlockError, OSError) as exc:
-                    raise CopyError("write", exc) from exc
-        else:
-            buf = bytearray(piece)
-            try:
-                await source.read_into(pos, memoryview(buf))
-            except (BlockError, OSError) as exc:
-                raise CopyError("read", exc) from exc
-            try:
-                if serialising:
-                    await target.serialising_write(pos, buf)
-                else:
-                    await target.write(pos, buf)
-            except (BlockError, OSError) as exc:
-                raise CopyError("write", exc) from exc
-        pos += piece
+    """Copy ``[offset, offset+length)``: zeroes as write-zeroes, data as writes. Returns ``length``.
+
+    Raises :class:`CopyError` saying whether the source read or the target write failed."""
+    staged = await read_chunk(source, offset, length)
+    await write_chunk(target, staged, serialising=serialising, target_is_zero=target_is_zero)
     return length
 
 
@@ -100,11 +116,13 @@ class CopyEngine:
         failure: list[BaseException] = []
 
         async def worker() -> None:
+            BACKGROUND_IO.set(True)  # this task's file I/O queues behind the clients'
             for offset, length in pending:
                 if failure:
                     return
                 try:
                     await self.job.checkpoint()
+                    await foreground.wait_turn()
                     await self.copy_with_policy(offset, length)
                     self.job.current_progress += length
                     await self.job.checkpoint(length)

@@ -14,7 +14,7 @@ import errno
 
 from pynbd.graph.core import BlockGraph, GraphUser, chain_links
 from pynbd.graph.perms import ALL, Perm
-from pynbd.jobs.copy import CopyEngine, copy_chunk
+from pynbd.jobs.copy import CopyEngine, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled, JobStatus
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.mirror_top import MirrorTopNode
@@ -103,12 +103,20 @@ class MirrorJob(Job):
             dirty.fill()
 
     async def _copy(self, offset: int, length: int) -> None:
-        async with self.top.lock.hold(offset, offset + length):
-            self.top.dirty.reset_range(offset, length)
+        """Copy one chunk; guests wait only while it is read (see nodes/mirror_top.py)."""
+        top = self.top
+        async with top.copy_lock.hold(offset, offset + length):
+            async with top.lock.hold(offset, offset + length):
+                top.dirty.reset_range(offset, length)
+                try:
+                    staged = await read_chunk(self.source, offset, length)
+                except BaseException:
+                    top.dirty.set_range(offset, length)
+                    raise
             try:
-                await copy_chunk(self.source, self.target, offset, length)
+                await write_chunk(self.target, staged)
             except BaseException:
-                self.top.dirty.set_range(offset, length)
+                top.dirty.set_range(offset, length)
                 raise
 
     async def _copy_dirty(self, engine: CopyEngine) -> None:

@@ -10,6 +10,7 @@ import errno
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from pynbd.bitmap import NodeBitmap
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from pynbd.nodes.tracking import RequestTracker
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
+
+#: True while the current task does a job's background copying: nodes that queue blocking I/O
+#: (file.py) put such requests behind the clients' own, so a backup never starves the guest.
+BACKGROUND_IO: ContextVar[bool] = ContextVar("BACKGROUND_IO", default=False)
 
 
 class BlockError(Exception):

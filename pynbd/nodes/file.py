@@ -14,10 +14,20 @@ import ctypes.util
 import errno
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 
 from pynbd.graph import locks
 from pynbd.graph.perms import Perm
-from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
+from pynbd.nodes.base import (
+    BACKGROUND_IO,
+    DATA,
+    HOLE_ZERO,
+    BlockError,
+    BlockNode,
+    Extent,
+    NotFast,
+    merge_extents,
+)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -28,6 +38,18 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+# Blocking file I/O runs in worker threads: clients' requests in one pool, jobs' background
+# copies in a small pool of their own, so a backup or mirror can never fill the queue that the
+# guest's next write waits in.
+_CLIENT_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pynbd-io")
+_BACKGROUND_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pynbd-bg-io")
+
+
+async def _blocking(fn, *args):
+    pool = _BACKGROUND_POOL if BACKGROUND_IO.get() else _CLIENT_POOL
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -75,7 +97,7 @@ class FileNode(BlockNode):
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-        await asyncio.to_thread(self._read_into, offset, buf)
+        await _blocking(self._read_into, offset, buf)
 
     def _read_into(self, offset: int, buf: memoryview) -> None:
         done = 0
@@ -87,7 +109,7 @@ class FileNode(BlockNode):
             done += n
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        await asyncio.to_thread(self._write, offset, memoryview(data), fua)
+        await _blocking(self._write, offset, memoryview(data), fua)
 
     def _write(self, offset: int, view: memoryview, fua: bool) -> None:
         done = 0
@@ -99,7 +121,7 @@ class FileNode(BlockNode):
     async def write_zeroes(
         self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
     ) -> None:
-        await asyncio.to_thread(self._write_zeroes, offset, length, may_trim, fua, fast)
+        await _blocking(self._write_zeroes, offset, length, may_trim, fua, fast)
 
     def _write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool, fast: bool) -> None:
         modes = []
@@ -136,7 +158,7 @@ class FileNode(BlockNode):
         if not self._can_punch:
             return  # a hint only: nothing to do where holes cannot be punched
         try:
-            await asyncio.to_thread(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            await _blocking(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
@@ -144,7 +166,7 @@ class FileNode(BlockNode):
 
     async def flush(self) -> None:
         if not self.read_only:
-            await asyncio.to_thread(os.fdatasync, self.fd)
+            await _blocking(os.fdatasync, self.fd)
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)

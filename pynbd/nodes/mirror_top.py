@@ -2,8 +2,13 @@
 
 Writes pass through to the source and mark :attr:`dirty`, which the job keeps copying to the
 target; once the job is told to complete it switches to write-blocking, so from then on every
-write reaches both sides before it is acknowledged. A range lock keeps a chunk copy (read the
-source, write the target) and a guest write to the same bytes from interleaving.
+write reaches both sides before it is acknowledged.
+
+Two range locks keep the copy correct without making guests wait for a slow target: ``lock`` is
+held by a guest write and by a copy only while the copy clears the dirty bits and reads the
+source (a write after that re-marks the range, so it is copied again); ``copy_lock`` orders the
+target writes of copies of the same range (an older copy never lands after a newer one) and is
+taken by guest writes only in write-blocking mode, when they write the target themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class MirrorTopNode(BlockNode):
         self.target: BlockNode | None = None
         self.write_blocking = False
         self.lock = RangeLock()
+        self.copy_lock = RangeLock()
         self.new_dirt = asyncio.Event()
 
     def child_role(self, name: str) -> Role:
@@ -58,13 +64,15 @@ class MirrorTopNode(BlockNode):
         await self.source.read_into(offset, buf)
 
     async def _guest_write(self, offset: int, length: int, apply) -> None:
+        if self.write_blocking:
+            async with self.copy_lock.hold(offset, offset + length), self.lock.hold(offset, offset + length):
+                await apply(self.source)
+                await apply(self.target)
+            return
         async with self.lock.hold(offset, offset + length):
             await apply(self.source)
-            if self.write_blocking:
-                await apply(self.target)
-            else:
-                self.dirty.set_range(offset, length)
-                self.new_dirt.set()
+            self.dirty.set_range(offset, length)
+            self.new_dirt.set()
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
         await self._guest_write(offset, len(data), lambda node: node.write(offset, data, fua))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pynbd.buffers import BufferPool
 from pynbd.channel import BufferedReader, Channel, ConnectionClosed, SocketChannel, TLSChannel
 from pynbd.nodes.base import BlockError, NotFast
+from pynbd.priority import foreground
 from pynbd.protocol.constants import (
     ALLOWED_CMD_FLAGS,
     MAX_OPTION_LENGTH,
@@ -326,6 +327,7 @@ class ServerConnection:
 
     async def _handle(self, request, payload) -> None:
         cookie = request.cookie
+        foreground.enter()
         try:
             if isinstance(payload, RequestError):
                 raise payload
@@ -349,6 +351,7 @@ class ServerConnection:
             except ConnectionError:
                 pass
         finally:
+            foreground.leave()
             if isinstance(payload, bytearray):
                 self._buffers.put(payload)
 
