@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,6 +19,15 @@ from tests.peers import VENV_BIN, have
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "backup.md"
 VARIABLE = re.compile(r"ops/sec|^disk size:|fragmented|^Image end offset|^\.\.\.$")
+
+
+@pytest.fixture(autouse=True)
+def remove_subdirectories(workdir):
+    """The workdir fixture removes files only; these tests also make directories in it."""
+    yield
+    for child in workdir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def blocks(kind: str) -> list[str]:

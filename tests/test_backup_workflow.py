@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,15 @@ os.close(fd)
 h.shutdown()
 print(json.dumps({"dirty": [[pos, length] for pos, length, _ in dirty] if dirty is not None else None}))
 """
+
+
+@pytest.fixture(autouse=True)
+def remove_subdirectories(workdir):
+    """The workdir fixture removes files only; these tests also make directories in it."""
+    yield
+    for child in workdir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def clusters(ranges) -> list[list[int]]:
