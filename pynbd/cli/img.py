@@ -288,6 +288,8 @@ def human_info(info: dict, node: BlockNode) -> str:
     ]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
     if "backing-filename" in info:
         lines.append(f"backing file: {info['backing-filename']}")
         if info["full-backing-filename"] != info["backing-filename"]:
