@@ -289,12 +289,19 @@ class Workflow:
             with open(scratch, "r+b") as f:
                 f.truncate(SIZE)
             d.ok("blockdev-add", driver="file", filename=str(scratch), **{"node-name": "scratch"})
-            d.ok("blockdev-add", driver="copy-before-write", file="d0", target="scratch", **{"node-name": "cbw"})
+            d.ok(
+                "blockdev-add",
+                driver="copy-before-write",
+                file="d0",
+                target="scratch",
+                discard="unmap",  # pass the guest's TRIMs on (blockdev-add's default drops them, as qemu)
+                **{"node-name": "cbw"},
+            )
             d.ok(
                 "transaction",
                 actions=[*self.bitmap_actions(k), {"type": "blockdev-insert-filter", "data": {"filter": "cbw"}}],
             )
-            d.ok("blockdev-add", driver="snapshot-access", file="cbw", **{"node-name": "snap"})
+            d.ok("blockdev-add", driver="snapshot-access", file="cbw", discard="unmap", **{"node-name": "snap"})
             node = "snap"
         bitmaps = [{"node": "d0", "name": "frozen"}] if k else []
         d.ok("block-export-add", type="nbd", id="backup", **{"node-name": node}, name="backup", bitmaps=bitmaps)
@@ -464,7 +471,14 @@ def test_incremental_from_a_view_limited_to_the_bitmap(start_daemon, workdir):
     # the filter takes the bitmap's content when it is inserted: fill it in the same transaction
     bitmap = {"node": "d0", "name": "since-c0"}
     daemon.ok("block-dirty-bitmap-add", **bitmap, disabled=True, granularity=GRANULARITY)
-    cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "d0", "target": "scratch", "bitmap": bitmap}
+    cbw = {
+        "driver": "copy-before-write",
+        "node-name": "cbw",
+        "file": "d0",
+        "target": "scratch",
+        "bitmap": bitmap,
+        "discard": "unmap",
+    }
     daemon.ok("blockdev-add", **cbw)
     daemon.ok(
         "transaction",
@@ -474,7 +488,7 @@ def test_incremental_from_a_view_limited_to_the_bitmap(start_daemon, workdir):
             {"type": "blockdev-insert-filter", "data": {"filter": "cbw"}},
         ],
     )
-    daemon.ok("blockdev-add", driver="snapshot-access", file="cbw", **{"node-name": "snap"})
+    daemon.ok("blockdev-add", driver="snapshot-access", file="cbw", discard="unmap", **{"node-name": "snap"})
     daemon.ok("block-export-add", type="nbd", id="b", **{"node-name": "snap"}, name="b", bitmaps=[bitmap])
     guest.apply([("write", MiB, 4096, 3), ("write", 2 * MiB, 4096, 4)])  # after the fleecing point
     reader = nbd.NBD()

@@ -7,6 +7,7 @@ A failed blockdev-add removes every node it created, so the graph is exactly as 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import command
-from pynbd.graph.core import GraphUser, filtered_or_cow_child
+from pynbd.graph.core import GraphError, GraphUser, filtered_or_cow_child
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockNode
 from pynbd.nodes.file import FileNode
@@ -23,6 +24,8 @@ from pynbd.nodes.null import NullNode
 from pynbd.nodes.raw import RawNode
 from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import Spec, check, str_or_object
+
+log = logging.getLogger("pynbd.daemon")
 
 COMMON: Spec = {
     "driver": "str",
@@ -70,7 +73,13 @@ async def add_node(daemon: Daemon, options: dict, created: list[BlockNode], keyv
         raise QMPError(f"Duplicate nodes with node-name='{node_name}'")
     if node_name and not _valid_node_name(node_name):
         raise QMPError(f"Invalid node-name: '{node_name}'")
+    for value in options.values():  # as qemu: children defined inline inherit the parent's read-only state
+        if isinstance(value, dict) and "driver" in value:
+            for key in ("read-only", "auto-read-only"):
+                if key in options:
+                    value.setdefault(key, options[key])
     node = await drv.open(daemon, options, created)
+    node.unmap = options.get("discard", "ignore") == "unmap"  # qemu's default: ignore discards
     node.node_name = node_name
     daemon.graph.add_node(node)
     created.append(node)
@@ -82,19 +91,28 @@ def _valid_node_name(name: str) -> bool:
     return name[0].isalpha() and all(c.isalnum() or c in "-._" for c in name) and len(name) < 32
 
 
-async def child_node(daemon: Daemon, ref: Any, created: list[BlockNode], keyval: bool = False) -> BlockNode:
+async def child_node(
+    daemon: Daemon, ref: Any, created: list[BlockNode], keyval: bool = False, inherit: dict | None = None
+) -> BlockNode:
+    """An existing node by name, or a new implicit node; ``inherit`` carries options such as
+    ``discard`` and ``read-only`` down to inline children that do not set them (as qemu does)."""
     if isinstance(ref, str):
         return daemon.node(ref)
-    return await add_node(daemon, ref, created, keyval)
+    return await add_node(daemon, {**(inherit or {}), **ref}, created, keyval)
+
+
+def inherited(options: dict) -> dict:
+    """What a format node passes on to an inline ``file`` child that does not say otherwise."""
+    return {key: options[key] for key in ("discard", "read-only", "auto-read-only") if key in options}
 
 
 async def undo_created(daemon: Daemon, created: list[BlockNode]) -> None:
     for node in reversed(created):
         for link in list(node.parents):
             daemon.graph.detach(link)
+        await node.close()  # before unlinking its children, which it may still flush to
         if node.node_name in daemon.graph.nodes:
             daemon.graph.remove_node(node)
-        await node.close()
 
 
 # -- drivers --------------------------------------------------------------------------------------
@@ -111,7 +129,7 @@ async def open_file(daemon: Daemon, options: dict, created: list[BlockNode]) -> 
 
 @driver("raw", {"file": CHILD, "*offset": "uint", "*size": "uint"})
 async def open_raw(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
-    child = await child_node(daemon, options["file"], created)
+    child = await child_node(daemon, options["file"], created, inherit=inherited(options))
     node = RawNode(offset=options.get("offset", 0), size=options.get("size"), read_only=options.get("read-only", False))
     node.node_name = "#raw-pending"
     daemon.graph.attach_child(node, "file", child)
@@ -207,21 +225,23 @@ async def blockdev_del(daemon: Daemon, args: dict) -> None:
     node = daemon.node(name)
     if name not in daemon.monitor_owned:
         raise QMPError(f"Node {name} is not owned by the monitor")
-    daemon.graph.remove_node(node)
+    await _close_and_remove(daemon, node)
     daemon.monitor_owned.discard(name)
+
+
+async def _close_and_remove(daemon: Daemon, node: BlockNode) -> None:
+    """As qemu's bdrv_close: the driver closes (flushing into its children) before its child links
+    go; implicit children left without a parent then go too."""
+    daemon.graph.check_removable(node)
     children = [link.node for link in node.children.values()]
     await node.close()
-    await _drop_orphans(daemon, children)
-
-
-async def _drop_orphans(daemon: Daemon, nodes: list[BlockNode]) -> None:
-    """Implicit nodes go away with their last parent, as in qemu."""
-    for node in nodes:
-        if getattr(node, "implicit", False) and not node.parents and node.node_name in daemon.graph.nodes:
-            children = [link.node for link in node.children.values()]
-            daemon.graph.remove_node(node)
-            await node.close()
-            await _drop_orphans(daemon, children)
+    daemon.graph.remove_node(node)
+    for child in children:
+        if getattr(child, "implicit", False) and not child.parents and child.node_name in daemon.graph.nodes:
+            try:
+                await _close_and_remove(daemon, child)
+            except GraphError as exc:  # e.g. a job froze one of its links: it stays, named
+                log.warning("keeping implicit node %s: %s", child.node_name, exc)
 
 
 def node_filename(node: BlockNode) -> str:

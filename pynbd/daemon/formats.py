@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 
-from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, node_filename
+from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, inherited, node_filename
 from pynbd.daemon.core import Daemon
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.file import FileNode
@@ -41,7 +41,7 @@ QCOW2_SPEC = {
 
 @driver("qcow2", QCOW2_SPEC)
 async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
-    file = await child_node(daemon, options["file"], created)
+    file = await child_node(daemon, options["file"], created, inherit=inherited(options))
     read_only = options.get("read-only", False)
     try:
         header = await read_header(file)
@@ -60,9 +60,12 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
         if backing is not None:
             daemon.graph.attach_child(node, "backing", backing)
     except BaseException:
+        if "file" in node.children:
+            await node.close()  # while its file link exists: a qcow2 node closes an unlinked file itself
+        else:  # never got permission on the file (conflict, lock): write nothing, close nothing of it
+            node.closed = True
         for link in list(node.children.values()):
             daemon.graph.detach(link)
-        await node.close()
         raise
     return node
 

@@ -62,6 +62,7 @@ class BlockNode(ABC):
         self.shared = Perm.all()
         self.dirty_bitmaps: dict[str, NodeBitmap] = {}
         self.tracker: RequestTracker | None = None  # set while serialising writes may happen
+        self.unmap = True  # False: discards are dropped, zeroing never punches holes (discard=ignore)
 
     def __init_subclass__(cls, **kwargs) -> None:
         """Make every driver's write, write_zeroes and discard mark the node's dirty bitmaps.
@@ -74,7 +75,7 @@ class BlockNode(ABC):
         for name in ("write", "write_zeroes", "discard"):
             method = cls.__dict__.get(name)
             if method is not None and not getattr(method, "_marks_bitmaps", False):
-                setattr(cls, name, _marking(method, name == "write"))
+                setattr(cls, name, _marking(method, name))
         reader = cls.__dict__.get("read_into")
         if reader is not None and not getattr(reader, "_tracked", False):
             cls.read_into = _tracked(reader)
@@ -180,11 +181,24 @@ class BlockNode(ABC):
         return f"{self.driver} node {self.node_name!r}"
 
 
-def _marking(method, has_data: bool):
+def _marking(method, kind: str):
+    """The generic write path around a driver's write, write_zeroes or discard.
+
+    With ``unmap`` off (qemu's ``discard=ignore``, its default for blockdev-add) a discard is
+    dropped here, unmarked, and write-zeroes may not punch holes, as in qemu's block layer."""
+
     @functools.wraps(method)
     async def wrapper(self, offset, arg, *args, **kwargs):
+        if not self.unmap:
+            if kind == "discard":
+                return None
+            if kind == "write_zeroes":
+                if args:
+                    args = (False, *args[1:])
+                else:
+                    kwargs["may_trim"] = False
         if self.dirty_bitmaps:
-            self.mark_dirty(offset, len(arg) if has_data else arg)
+            self.mark_dirty(offset, len(arg) if kind == "write" else arg)
         return await method(self, offset, arg, *args, **kwargs)
 
     wrapper._marks_bitmaps = True  # type: ignore[attr-defined]
