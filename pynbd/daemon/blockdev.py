@@ -73,9 +73,9 @@ async def add_node(daemon: Daemon, options: dict, created: list[BlockNode], keyv
         raise QMPError(f"Duplicate nodes with node-name='{node_name}'")
     if node_name and not _valid_node_name(node_name):
         raise QMPError(f"Invalid node-name: '{node_name}'")
-    for value in options.values():  # as qemu: children defined inline inherit the parent's read-only state
+    for value in options.values():  # as qemu: children defined inline inherit these unless they say
         if isinstance(value, dict) and "driver" in value:
-            for key in ("read-only", "auto-read-only"):
+            for key in ("read-only", "auto-read-only", "discard"):
                 if key in options:
                     value.setdefault(key, options[key])
     node = await drv.open(daemon, options, created)
@@ -91,19 +91,11 @@ def _valid_node_name(name: str) -> bool:
     return name[0].isalpha() and all(c.isalnum() or c in "-._" for c in name) and len(name) < 32
 
 
-async def child_node(
-    daemon: Daemon, ref: Any, created: list[BlockNode], keyval: bool = False, inherit: dict | None = None
-) -> BlockNode:
-    """An existing node by name, or a new implicit node; ``inherit`` carries options such as
-    ``discard`` and ``read-only`` down to inline children that do not set them (as qemu does)."""
+async def child_node(daemon: Daemon, ref: Any, created: list[BlockNode], keyval: bool = False) -> BlockNode:
+    """An existing node by name, or a new implicit node from an inline definition."""
     if isinstance(ref, str):
         return daemon.node(ref)
-    return await add_node(daemon, {**(inherit or {}), **ref}, created, keyval)
-
-
-def inherited(options: dict) -> dict:
-    """What a format node passes on to an inline ``file`` child that does not say otherwise."""
-    return {key: options[key] for key in ("discard", "read-only", "auto-read-only") if key in options}
+    return await add_node(daemon, ref, created, keyval)
 
 
 async def undo_created(daemon: Daemon, created: list[BlockNode]) -> None:
@@ -129,7 +121,7 @@ async def open_file(daemon: Daemon, options: dict, created: list[BlockNode]) -> 
 
 @driver("raw", {"file": CHILD, "*offset": "uint", "*size": "uint"})
 async def open_raw(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
-    child = await child_node(daemon, options["file"], created, inherit=inherited(options))
+    child = await child_node(daemon, options["file"], created)
     node = RawNode(offset=options.get("offset", 0), size=options.get("size"), read_only=options.get("read-only", False))
     node.node_name = "#raw-pending"
     daemon.graph.attach_child(node, "file", child)

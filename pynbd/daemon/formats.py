@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 
-from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, inherited, node_filename
+from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, node_filename
 from pynbd.daemon.core import Daemon
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.file import FileNode
@@ -41,7 +41,7 @@ QCOW2_SPEC = {
 
 @driver("qcow2", QCOW2_SPEC)
 async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
-    file = await child_node(daemon, options["file"], created, inherit=inherited(options))
+    file = await child_node(daemon, options["file"], created)
     read_only = options.get("read-only", False)
     try:
         header = await read_header(file)

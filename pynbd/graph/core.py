@@ -157,17 +157,22 @@ class BlockGraph:
         Children left without parents that were created implicitly stay in the graph: as in qemu,
         removal is explicit per node-name.
         """
+        self.check_removable(node)
+        children = [link.node for link in node.children.values()]
+        with Transaction() as tran:
+            for link in list(node.children.values()):
+                self._unlink(tran, link)
+            self.refresh_perms(tran, children)  # the children drop what this node held (and its locks)
+        del self.nodes[node.node_name]
+
+    def check_removable(self, node: BlockNode) -> None:
+        """Raise GraphError unless :meth:`remove_node` would succeed (so callers can close first)."""
         if node.parents:
             users = ", ".join(link.describe() for link in node.parents)
             raise GraphError(f"Node '{node.node_name}' is busy: in use by {users}")
         frozen = [link for link in node.children.values() if link.frozen]
         if frozen:
             raise FrozenLinkError(f"Cannot remove node '{node.node_name}': link {frozen[0].describe()} is frozen")
-        with Transaction() as tran:
-            for link in list(node.children.values()):
-                self._unlink(tran, link)
-            self.refresh_perms(tran, [link.node for link in node.children.values()])
-        del self.nodes[node.node_name]
 
     # -- links ----------------------------------------------------------------------------------
 
