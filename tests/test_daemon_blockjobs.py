@@ -1,6 +1,8 @@
 """Mirror, commit (intermediate and active), stream and snapshot: the same QMP scripts against
 pynbd daemon and qemu-storage-daemon, compared by what an NBD client reads afterwards."""
 
+import json
+
 import nbd
 import pytest
 
@@ -62,6 +64,7 @@ def backing_of(daemon, name):
 @pytest.mark.parametrize("kind", KINDS)
 def test_active_commit_pivots_to_the_base(kind, start_daemon, workdir):
     base, _, top = chain(workdir, kind)
+    run(["qemu-img", "bitmap", "--add", str(base), "b0"])  # the base is reopened read-write and back
     daemon = start_chain(start_daemon, kind, top)
     before = read_all(daemon.uri("w"))
     writer = nbd.NBD()
@@ -81,6 +84,9 @@ def test_active_commit_pivots_to_the_base(kind, start_daemon, workdir):
     assert daemon.ok("query-block-exports")[0]["node-name"] != "top"
     assert daemon.stop() == 0
     run(["qemu-img", "check", str(base)])
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(base)]).stdout)
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert [(b["name"], b["flags"]) for b in bitmaps] == [("b0", ["auto"])]  # stored, not left in use
     out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x44 5M 64k", "-c", "read -P 0x33 2M 2M", str(base)])
     assert "Pattern verification failed" not in out.stdout
 

@@ -763,6 +763,21 @@ class Qcow2Node(BlockNode):
     async def _write_header(self) -> None:
         await self.file.write(0, self.header.encode())
 
+    async def reopen(self, read_only: bool) -> None:
+        """Switch access mode at run time (a commit's base, blockdev-reopen); the file node below
+        is reopened first when becoming writable, after when becoming read-only."""
+        if read_only == self.read_only:
+            return
+        if read_only:  # as a clean close: bitmaps stored without IN_USE, metadata flushed
+            await self._settle_bitmap_tasks()
+            async with self._lock:
+                await self._store_bitmaps()
+                await self._flush_locked()
+            self.read_only = True
+        else:
+            self.read_only = False
+            await self._open_read_write()  # IN_USE on every bitmap before the first write
+
     async def close(self) -> None:
         if self.closed:
             return
