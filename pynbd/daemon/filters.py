@@ -80,12 +80,15 @@ async def blockdev_reopen(daemon: Daemon, args: dict) -> None:
                     reopened.append((member, member.read_only))
                     await member.reopen(read_only)
         with Transaction() as tran:
+            seeds = [node for node, _ in plans]
             for node, entry in plans:
                 for name in ("file", "backing"):
                     if name in entry and (entry[name] is None or isinstance(entry[name], str)):
                         child = None if entry[name] is None else daemon.node(entry[name])
+                        if (old_child := node.child_node(name)) is not None:
+                            seeds.append(old_child)  # it drops what this node held on it
                         daemon.graph.set_child(tran, node, name, child)
-            daemon.graph.refresh_perms(tran, [node for node, _ in plans])
+            daemon.graph.refresh_perms(tran, seeds)
     except BaseException:
         for member, old in reversed(reopened):
             await member.reopen(old)

@@ -239,8 +239,8 @@ class BlockGraph:
 
         The caller refreshes permissions once for everything it changed in the transaction."""
         link = parent.children.get(name)
-        if link is not None and link.node is child:
-            return
+        if (link.node if link is not None else None) is child:
+            return  # already so (including "no such child" asked to stay absent)
         if link is not None and link.frozen:
             raise FrozenLinkError(f"Cannot change frozen '{name}' link of '{parent.node_name}'")
         if child is not None and any(n is parent for n in descendants(child)):
