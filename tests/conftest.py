@@ -22,46 +22,33 @@ def workdir(tmp_path: Path) -> Path:
         pass
 
 
-@pytest.fixture
-def start_pynbd(workdir):
+def _servers(workdir, launch):
+    """A fixture body: a starter for servers of one kind, every one stopped after the test."""
     servers = []
 
     def start(*args, **kwargs):
-        server = pynbd_server(workdir, *args, **kwargs)
+        server = launch(workdir, *args, **kwargs)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def start_pynbd(workdir):
+    yield from _servers(workdir, pynbd_server)
 
 
 @pytest.fixture
 def start_qemu_nbd(workdir):
-    servers = []
-
-    def start(*args, **kwargs):
-        server = qemu_nbd_server(workdir, *args, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _servers(workdir, qemu_nbd_server)
 
 
 @pytest.fixture
 def start_nbdkit(workdir):
-    servers = []
-
-    def start(*args, **kwargs):
-        server = nbdkit_server(workdir, *args, **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _servers(workdir, nbdkit_server)
 
 
 @pytest.fixture
@@ -69,16 +56,7 @@ def start_daemon(workdir):
     """Start ``pynbd daemon`` or ``qemu-storage-daemon`` (kind "pynbd" or "qsd"); stopped after the test."""
     from tests.daemons import start_daemon as start
 
-    daemons = []
-
-    def starter(kind, *options, **kwargs):
-        daemon = start(kind, workdir, *options, **kwargs)
-        daemons.append(daemon)
-        return daemon
-
-    yield starter
-    for daemon in daemons:
-        daemon.stop()
+    yield from _servers(workdir, lambda tmp, kind, *options, **kwargs: start(kind, tmp, *options, **kwargs))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from pynbd.daemon.blockdev import SOCKET_ADDRESS
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.objects import tls_server_context
 from pynbd.daemon.registry import command
@@ -22,22 +23,7 @@ from pynbd.qmp.schema import Spec, str_or_object
 from pynbd.server.export import Export
 from pynbd.server.nbd import NBDServer, ServerConfig
 
-ADDRESS: Spec = {
-    "type": ("unix", "inet", "fd", "vsock"),
-    "*path": "str",
-    "*abstract": "bool",
-    "*tight": "bool",
-    "*host": "str",
-    "*port": "str",
-    "*numeric": "bool",
-    "*to": "uint",
-    "*ipv4": "bool",
-    "*ipv6": "bool",
-    "*keep-alive": "bool",
-    "*mptcp": "bool",
-    "*str": "str",
-    "*data": "any",
-}
+ADDRESS: Spec = {**SOCKET_ADDRESS, "*data": "any"}  # also SocketAddressLegacy (QMP's {type, data})
 BITMAP_REF = str_or_object({"node": "str", "name": "str"})
 
 

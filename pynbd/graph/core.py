@@ -8,6 +8,7 @@ Drivers never edit links; they only say what they take from a child (``BlockNode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -221,18 +222,10 @@ class BlockGraph:
             )
         if not link.is_root and any(n is link.parent for n in descendants(new_child)):
             raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
-        own = tran is None
-        tran = tran or Transaction()
-        try:
+        with _within(tran) as tran:
             old_child = link.node
             self._repoint(tran, link, new_child)
             self.refresh_perms(tran, [new_child, old_child])
-        except BaseException:
-            if own:
-                tran.abort()
-            raise
-        if own:
-            tran.commit()
 
     def set_child(self, tran: Transaction, parent: BlockNode, name: str, child: BlockNode | None) -> None:
         """Attach, re-point or remove ``parent``'s child ``name`` inside ``tran`` (blockdev-reopen).
@@ -269,18 +262,10 @@ class BlockGraph:
         frozen = [link for link in moving if link.frozen]
         if frozen:
             raise FrozenLinkError(f"Cannot change frozen link {frozen[0].describe()}")
-        own = tran is None
-        tran = tran or Transaction()
-        try:
+        with _within(tran) as tran:
             for link in moving:
                 self._repoint(tran, link, new)
             self.refresh_perms(tran, [new, old])
-        except BaseException:
-            if own:
-                tran.abort()
-            raise
-        if own:
-            tran.commit()
 
     # -- freezing -------------------------------------------------------------------------------
 
@@ -404,6 +389,16 @@ class BlockGraph:
                     }
                 )
         return {"nodes": nodes, "edges": edges}
+
+
+@contextlib.contextmanager
+def _within(tran: Transaction | None):
+    """The caller's transaction, or a new one that commits or aborts with this block."""
+    if tran is not None:
+        yield tran
+        return
+    with Transaction() as own:
+        yield own
 
 
 def _set(link: ChildLink, perm: Perm, shared: Perm) -> None:
