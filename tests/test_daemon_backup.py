@@ -120,10 +120,12 @@ def test_cancelled_backup_leaves_the_graph_and_bitmap_as_before(kind, start_daem
 def test_backup_argument_errors(kind, start_daemon, setup):
     disk, target, _ = setup
     daemon = start(start_daemon, kind, disk, target)
-    daemon.fails("blockdev-backup", device="d0", target="t0", sync="incremental")  # no bitmap
-    daemon.fails("blockdev-backup", device="d0", target="t0", sync="bitmap", bitmap="nope", **{"bitmap-mode": "never"})
-    daemon.fails("blockdev-backup", device="d0", target="nope", sync="full")
-    daemon.fails("blockdev-backup", device="d0", target="t0", sync="sideways")
+    job = {"job-id": "j"}
+    daemon.fails("blockdev-backup", device="d0", target="t0", sync="incremental", **job)  # no bitmap
+    daemon.fails("blockdev-backup", device="d0", target="t0", sync="bitmap", bitmap="nope", **job)
+    daemon.fails("blockdev-backup", device="d0", target="nope", sync="full", **job)
+    daemon.fails("blockdev-backup", device="d0", target="t0", sync="sideways", **job)
+    daemon.fails("blockdev-backup", device="d0", target="t0", sync="full")  # no job-id: no default here
     daemon.fails("block-job-cancel", device="nope")
     assert daemon.ok("query-block-jobs") == []
 

@@ -31,8 +31,12 @@ def _job_kwargs(args: dict) -> dict:
     }
 
 
-def _job_id(daemon: Daemon, args: dict) -> str:
-    job_id = args.get("job-id", args["device"])
+def job_id_of(daemon: Daemon, args: dict) -> str:
+    """qemu defaults the job id to the device's BlockBackend name, which a node in a storage daemon
+    does not have: without ``job-id`` the command fails there, and so it does here."""
+    job_id = args.get("job-id", "")
+    if not job_id:
+        raise QMPError("Invalid job ID ''")
     if job_id in daemon.jobs.jobs:
         raise QMPError(f"Job ID '{job_id}' already in use")
     return job_id
@@ -81,7 +85,7 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
         raise QMPError("Top and base cannot be the same node")
     if base not in below_top:
         raise QMPError(f"'{top.node_name}' is not above base '{base.node_name}'")
-    job_id = _job_id(daemon, args)
+    job_id = job_id_of(daemon, args)
     if top is device:  # active commit: a mirror into the base, then a pivot
         job = MirrorJob(
             job_id,
@@ -157,7 +161,7 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
     if base is not None and base not in chain[1:]:
         raise QMPError(f"Node '{base.node_name}' is not a backing image of '{top.node_name}'")
     job = StreamJob(
-        _job_id(daemon, args),
+        job_id_of(daemon, args),
         daemon.graph,
         top,
         base,
@@ -194,7 +198,7 @@ async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
     if granularity < 512 or granularity > 64 * 1024 * 1024 or granularity & (granularity - 1):
         raise QMPError("Invalid parameter 'granularity': expecting a power of two between 512 B and 64 MiB")
     job = MirrorJob(
-        _job_id(daemon, args),
+        job_id_of(daemon, args),
         daemon.graph,
         source,
         target,

@@ -3,6 +3,7 @@ and the block-job-* / job-* verbs."""
 
 from __future__ import annotations
 
+from pynbd.daemon.blockjobs import job_id_of
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
 from pynbd.graph.transaction import Transaction
@@ -33,9 +34,7 @@ BACKUP_SPEC = {
 async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
     source = daemon.node(args["device"])
     target = daemon.node(args["target"])
-    job_id = args.get("job-id", args["device"])
-    if job_id in daemon.jobs.jobs:
-        raise QMPError(f"Job ID '{job_id}' already in use")
+    job_id = job_id_of(daemon, args)
     sync, bitmap = args["sync"], None
     mode = args.get("bitmap-mode")
     if "bitmap" in args:
@@ -86,12 +85,12 @@ async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
 command_from_action("blockdev-backup")
 
 
-@command("query-jobs")
+@command("query-jobs", {})
 async def query_jobs(daemon: Daemon, args: dict) -> list:
     return [job.info() for job in daemon.jobs.jobs.values()]
 
 
-@command("query-block-jobs")
+@command("query-block-jobs", {})
 async def query_block_jobs(daemon: Daemon, args: dict) -> list:
     return [job.block_info() for job in daemon.jobs.jobs.values() if job.is_block_job]
 

@@ -122,10 +122,10 @@ class CopyEngine:
                     return
                 try:
                     await self.job.checkpoint()
+                    await self.job.throttle(length)
                     await foreground.wait_turn()
                     await self.copy_with_policy(offset, length)
                     self.job.current_progress += length
-                    await self.job.checkpoint(length)
                 except BaseException as exc:
                     failure.append(exc)
                     return

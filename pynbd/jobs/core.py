@@ -150,8 +150,8 @@ class Job:
 
     # -- checkpoints: pause, cancel, speed --------------------------------------------------------
 
-    async def checkpoint(self, done_bytes: int = 0) -> None:
-        """Call between chunks of work: raises JobCancelled, waits while paused, honours speed."""
+    async def checkpoint(self) -> None:
+        """Call between chunks of work: raises JobCancelled, waits while paused."""
         if self.cancelled:
             raise JobCancelled()
         if self._pause_count and self.status in (JobStatus.RUNNING, JobStatus.READY):
@@ -165,12 +165,18 @@ class Job:
                 self._transition(JobStatus.RUNNING)
             elif self.status is JobStatus.STANDBY:
                 self._transition(JobStatus.READY)
-        if done_bytes and self.speed:
-            self._rate_bytes += done_bytes
-            due = self._rate_start + self._rate_bytes / self.speed
-            delay = due - time.monotonic()
-            if delay > 0:
-                await self._sleep_or_wake(delay)
+
+    async def throttle(self, nbytes: int) -> None:
+        """The speed limit: call before moving ``nbytes``; waits until the bytes already moved
+        are within the rate. The first chunk goes at once, as in qemu; parallel workers share
+        the budget because each reserves its bytes before it starts."""
+        if not self.speed:
+            return
+        due = self._rate_start + self._rate_bytes / self.speed
+        self._rate_bytes += nbytes
+        delay = due - time.monotonic()
+        if delay > 0:
+            await self._sleep_or_wake(delay)
 
     async def _sleep_or_wake(self, delay: float) -> None:
         """Rate limiting: sleep, but wake early when cancelled (the rate itself is the point)."""
