@@ -75,7 +75,7 @@ class CommitJob(Job):
     async def prepare(self) -> None:
         self.graph.unfreeze_links(self.frozen)
         self.frozen = []
-        dropped = [link.node for link in chain_links(self.top, self.base)][: self.layers]
+        dropped = [link.parent for link in chain_links(self.top, self.base)]  # top .. just above base
         self.graph.replace_child(self.overlay_link, self.base)
         if self.discard_committed:
             for node in dropped:

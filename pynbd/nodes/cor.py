@@ -10,10 +10,12 @@ the same bytes.
 
 from __future__ import annotations
 
+import errno
+
 from pynbd.bitmap import DirtyBitmap
 from pynbd.graph.core import chain_links
 from pynbd.graph.perms import PASSTHROUGH, Perm, Role
-from pynbd.nodes.base import BlockNode, Extent
+from pynbd.nodes.base import BlockError, BlockNode, Extent
 from pynbd.nodes.tracking import RangeLock
 
 TRACK_GRANULARITY = 64 * 1024
@@ -85,7 +87,10 @@ class CopyOnReadNode(BlockNode):
         released = 0
         for start, length in self.copied.dirty_ranges():
             async with self.lock.hold(start, start + length):
-                await self.file.discard(start, length)
+                unallocate = getattr(self.file, "unallocate", None)
+                if unallocate is None:
+                    raise BlockError(errno.ENOTSUP, f"{self.file.describe()} cannot give clusters back to its backing")
+                await unallocate(start, length)
                 self.copied.reset_range(start, length)
                 released += length
         return released

@@ -668,6 +668,17 @@ class Qcow2Node(BlockNode):
             pos = table_end
 
     async def discard(self, offset: int, length: int) -> None:
+        """As qemu: discarded clusters read as zeroes (v3), never as the backing file's data."""
+        await self._discard(offset, length, full=False)
+
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop whole clusters so that reads fall through to the backing file again (what a
+        copy-on-read filter releases: data it only ever copied up, which the backing still holds).
+        Bitmaps are marked all the same: cheaper than proving the backing has not changed since."""
+        self.mark_dirty(offset, length)
+        await self._discard(offset, length, full=True)
+
+    async def _discard(self, offset: int, length: int, full: bool) -> None:
         self._require_writable()
         bits = self.cluster_bits
         async with self._lock:
@@ -684,7 +695,7 @@ class Qcow2Node(BlockNode):
                 for cluster in range(pos >> bits, (table_end + self.cluster_size - 1) >> bits):
                     old = table[cluster - base]
                     kind = entry_kind(old)
-                    if self.header.version >= 3:
+                    if self.header.version >= 3 and not full:
                         if self.backing is None and kind in (UNALLOCATED, ZERO_PLAIN):
                             continue
                         new = OFLAG_ZERO
