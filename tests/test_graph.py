@@ -143,3 +143,30 @@ def test_pynbd_cannot_write_exclusively_while_qemu_writes(tmp_path):
     finally:
         qemu.stdin.close()
         qemu.wait(timeout=60)
+
+
+def test_lock_transition_holds_the_union_until_it_commits(tmp_path):
+    """During a change of permissions (a reopen) the file stays locked for both the old and the
+    new rights; only at commit does it narrow, so no other process slips into the gap."""
+    import os
+
+    from pynbd.graph import locks
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    ours, theirs = os.open(image, os.O_RDWR), os.open(image, os.O_RDWR)
+    try:
+        writer_alone = (Perm.CONSISTENT_READ | Perm.WRITE, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+        reader_sharing_all = (Perm.CONSISTENT_READ, ALL)
+        locks.apply(ours, *writer_alone)
+        locks.transition(ours, writer_alone, reader_sharing_all)  # prepare
+        with pytest.raises(locks.LockConflict):
+            locks.check(theirs, Perm.WRITE, ALL)  # write is still unshared in between
+        locks.apply(ours, *reader_sharing_all)  # commit
+        locks.check(theirs, Perm.WRITE, ALL)
+        with pytest.raises(locks.LockConflict):  # and back: a writer now blocks our exclusive claim
+            locks.apply(theirs, Perm.WRITE, ALL)
+            locks.transition(ours, reader_sharing_all, writer_alone)
+    finally:
+        os.close(ours)
+        os.close(theirs)
