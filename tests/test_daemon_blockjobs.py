@@ -188,3 +188,29 @@ def test_snapshot_puts_an_overlay_under_the_export(kind, start_daemon, workdir):
     out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 4096", str(top)])  # top itself unchanged
     assert "Pattern verification failed" not in out.stdout
     run(["qemu-img", "check", str(overlay)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sync", ["top", "none"])
+def test_mirror_sync_top_and_none_copy_only_their_part(kind, sync, start_daemon, workdir):
+    base, _, top = chain(workdir, kind)
+    target = workdir / f"{kind}-mirror-target.raw"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    daemon = start_chain(start_daemon, kind, top)
+    daemon.ok("blockdev-add", driver="file", **{"node-name": "t0"}, filename=str(target))
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    daemon.ok("blockdev-mirror", device="top", target="t0", sync=sync, **{"job-id": "m"})
+    wait_event(daemon, "BLOCK_JOB_READY")
+    writer.pwrite(b"\x9a" * 4096, 7 * MiB)  # while mirroring: reaches the target in every mode
+    writer.flush()
+    writer.shutdown()
+    daemon.ok("block-job-cancel", device="m")  # after ready: complete without pivot
+    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    copied = target.read_bytes()
+    assert copied[7 * MiB : 7 * MiB + 4096] == b"\x9a" * 4096
+    top_layer = copied[2 * MiB : 4 * MiB]  # written in top (0x33)
+    assert top_layer == (b"\x33" * (2 * MiB) if sync == "top" else bytes(2 * MiB))
+    assert copied[:MiB] == bytes(MiB)  # base data: not part of either
+    assert daemon.ok("query-block-exports")[0]["node-name"] == "top"  # no pivot

@@ -306,7 +306,7 @@ class Job:
             data = self._block_event_data()
             if self.error is not None:
                 data["error"] = self.error
-            if self.cancelled and self.error is None:
+            if self.cancelled and self.force_cancel and self.error is None:  # a soft cancel completes
                 self._emit("BLOCK_JOB_CANCELLED", data)
             else:
                 self._emit("BLOCK_JOB_COMPLETED", data)
