@@ -305,7 +305,7 @@ async def query_named_block_nodes(daemon: Daemon, args: dict) -> list:
     return [node_info(node) for node in reversed(daemon.graph.nodes.values())]  # newest first, as qemu
 
 
-@command("x-debug-query-block-graph")
+@command("x-debug-query-block-graph", {})
 async def query_block_graph(daemon: Daemon, args: dict) -> dict:
     users: list[GraphUser] = [export.user for export in daemon.exports.values()]
     users += [user for job in daemon.jobs.jobs.values() for user in getattr(job, "users", [])]

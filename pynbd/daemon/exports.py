@@ -83,7 +83,7 @@ async def start_nbd_server(daemon: Daemon, args: dict) -> None:
     daemon.nbd_server = server
 
 
-@command("nbd-server-stop")
+@command("nbd-server-stop", {})
 async def nbd_server_stop(daemon: Daemon, args: dict) -> None:
     if daemon.nbd_server is None:
         raise QMPError("NBD server not running")
@@ -202,7 +202,7 @@ async def block_export_del(daemon: Daemon, args: dict) -> None:
     await remove_export(daemon, args["id"], hard=args.get("mode") == "hard")
 
 
-@command("query-block-exports")
+@command("query-block-exports", {})
 async def query_block_exports(daemon: Daemon, args: dict) -> list:
     return [
         {"type": "nbd", "id": e.id, "node-name": e.link.node.node_name, "shutting-down": False}

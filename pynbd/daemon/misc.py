@@ -9,18 +9,18 @@ from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import check
 
 
-@command("query-version")
+@command("query-version", {})
 async def query_version(daemon: Daemon, args: dict) -> dict:
     major, minor, micro = VERSION
     return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
 
 
-@command("query-commands")
+@command("query-commands", {})
 async def query_commands(daemon: Daemon, args: dict) -> list:
     return [{"name": name} for name in sorted([*COMMANDS, "qmp_capabilities"])]
 
 
-@command("quit")
+@command("quit", {})
 async def quit_(daemon: Daemon, args: dict) -> None:
     daemon.quit.set()
 

@@ -7,7 +7,9 @@ garbage precisely, so the server can answer it and go on as qemu does.
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,55 +29,112 @@ class QMPError(Exception):
 
 
 class MessageDecoder:
+    """Splits a byte stream into JSON values the way qemu's JSON streamer does: a value ends when
+    its brackets balance (strings and escapes respected), a bare scalar at whitespace or a bracket.
+
+    Each piece of input is scanned once, jumping between interesting characters with a regular
+    expression, and kept until its value is complete: a message costs time linear in its size
+    however it is split, so a client trickling in a huge unterminated string cannot stall the
+    event loop that also serves the NBD clients.
+    """
+
+    _IN_STRING = re.compile(r'["\\]')
+    _STRUCTURE = re.compile(r'["\[\]{}]')
+    _SCALAR_END = re.compile(r'[\s"\[\]{},:]')
+
     def __init__(self) -> None:
-        self._buf = ""
-        self._decoder = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts: list[str] = []  # the value scanned so far
+        self._size = 0
+        self._kind = ""  # "" (between values), "scalar" or "nested"
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False  # the previous piece ended with a backslash inside a string
+        self._skipping = False  # discarding the rest of an oversized message, up to a newline
 
     def feed(self, data: bytes) -> list[Any]:
         """Return every complete message (or a :class:`QMPError` for unparsable input)."""
-        self._buf += data.decode("utf-8", "replace")
+        text = self._utf8.decode(data)
         out: list[Any] = []
-        while True:
-            stripped = self._buf.lstrip()
-            if not stripped:
-                self._buf = ""
-                return out
-            try:
-                obj, end = self._decoder.raw_decode(stripped)
-            except json.JSONDecodeError as exc:
-                if exc.pos >= len(stripped) - 1 or _incomplete(stripped):
-                    self._buf = stripped
-                    if len(self._buf) > MAX_MESSAGE:
-                        self._buf = ""
-                        out.append(QMPError("JSON message too large"))
-                    return out
-                # Skip to the next line: qemu's parser also resynchronises after bad input.
-                newline = stripped.find("\n", exc.pos)
-                self._buf = "" if newline < 0 else stripped[newline + 1 :]
-                out.append(QMPError(f"JSON parse error, {exc.msg}"))
+        while text:
+            if self._skipping:
+                newline = text.find("\n")
+                if newline < 0:
+                    break
+                text, self._skipping = text[newline + 1 :], False
                 continue
-            self._buf = stripped[end:]
-            out.append(obj)
+            if not self._kind:
+                text = text.lstrip()
+                if not text:
+                    break
+                if text[0] in "]}":  # a stray closing bracket: an error of its own
+                    out.append(_parse(text[0]))
+                    text = text[1:]
+                    continue
+                self._kind = "nested" if text[0] in '[{"' else "scalar"
+            end = self._scan(text)
+            if end is None:
+                self._parts.append(text)
+                self._size += len(text)
+                if self._size > MAX_MESSAGE:
+                    self._reset()
+                    self._skipping = True
+                    out.append(QMPError("JSON message too large"))
+                break
+            value = "".join(self._parts) + text[:end]
+            self._reset()
+            out.append(_parse(value))
+            text = text[end:]
+        return out
+
+    def _reset(self) -> None:
+        self._parts, self._size, self._kind, self._depth = [], 0, "", 0
+        self._in_string = self._escaped = False
+
+    def _scan(self, text: str) -> int | None:
+        """Continue scanning the current value through ``text``: where it ends, or None."""
+        if self._kind == "scalar":
+            match = self._SCALAR_END.search(text, 0 if self._parts else 1)
+            return match.start() if match else None
+        pos = 0
+        if self._escaped:
+            pos, self._escaped = 1, False
+        while True:
+            if self._in_string:
+                match = self._IN_STRING.search(text, pos)
+                if match is None:
+                    return None
+                if match.group() == "\\":
+                    if match.end() >= len(text):
+                        self._escaped = True  # the escaped character comes with the next piece
+                        return None
+                    pos = match.end() + 1
+                    continue
+                self._in_string, pos = False, match.end()
+                if self._depth == 0:
+                    return pos
+                continue
+            match = self._STRUCTURE.search(text, pos)
+            if match is None:
+                return None
+            char, pos = match.group(), match.end()
+            if char == '"':
+                self._in_string = True
+            elif char in "[{":
+                self._depth += 1
+            else:
+                self._depth -= 1
+                if self._depth <= 0:
+                    return pos
 
 
-def _incomplete(text: str) -> bool:
-    """Whether ``text`` could still become valid JSON with more input (unbalanced brackets)."""
-    depth, in_string, escape = 0, False, False
-    for ch in text:
-        if in_string:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-    return depth > 0 or in_string
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return QMPError("JSON parse error, nesting too deep")
+    except json.JSONDecodeError as exc:
+        return QMPError(f"JSON parse error, {exc.msg}")
 
 
 def encode(message: dict) -> bytes:
