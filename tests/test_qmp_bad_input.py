@@ -147,7 +147,7 @@ def test_pynbd_survives_hostile_input_while_others_are_served(start_daemon, work
     assert image.read_bytes()[:4096] == b"\x18" * 4096
 
 
-def test_client_disconnecting_mid_command_does_not_disturb_the_daemon(start_daemon, start_nbdkit, workdir):
+def test_client_disconnecting_mid_command_does_not_disturb_the_daemon(start_nbdkit, start_daemon, workdir):
     """blockdev-add of an nbd node whose server accepts but does not answer stays in progress;
     its client leaves; others are served meanwhile; when the command fails, only its reply is lost."""
     remote = start_nbdkit("memory", str(MiB))
