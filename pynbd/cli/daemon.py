@@ -70,6 +70,8 @@ async def apply_option(daemon, kind: str, text: str) -> None:
 async def serve(args: argparse.Namespace) -> int:
     from pynbd.daemon import load_commands
     from pynbd.daemon.core import Daemon
+    from pynbd.graph.core import GraphError
+    from pynbd.nodes.base import BlockError
     from pynbd.qmp import keyval
     from pynbd.qmp.protocol import QMPError
     from pynbd.qmp.server import QMPServer
@@ -81,7 +83,7 @@ async def serve(args: argparse.Namespace) -> int:
         for kind, text in args.ordered:
             try:
                 await apply_option(daemon, kind, text)
-            except (QMPError, keyval.KeyvalError) as exc:
+            except (QMPError, keyval.KeyvalError, GraphError, BlockError, OSError) as exc:  # what QMP would answer
                 raise StartupError(f"--{kind} {text}: {exc}") from None
         for spec in args.qmp:
             try:

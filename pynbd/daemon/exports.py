@@ -206,5 +206,5 @@ async def block_export_del(daemon: Daemon, args: dict) -> None:
 async def query_block_exports(daemon: Daemon, args: dict) -> list:
     return [
         {"type": "nbd", "id": e.id, "node-name": e.link.node.node_name, "shutting-down": False}
-        for e in daemon.exports.values()
+        for e in reversed(daemon.exports.values())  # newest first, as qemu lists them
     ]

@@ -37,3 +37,8 @@ class NullNode(BlockNode):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         # as qemu: never data (HOLE), and ZERO only when reads really return zeroes
         return [(length, HOLE_ZERO if self.read_zeroes else int(State.HOLE))]
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        # as qemu: a range is allocated where block status says data or zero; without
+        # read-zeroes null-co says neither, so nothing is allocated anywhere
+        return [(length, 1 if self.read_zeroes else 0)]

@@ -6,7 +6,7 @@ shifted by ``offset`` and never reaches past ``size``.
 
 from __future__ import annotations
 
-from pynbd.graph.perms import Role
+from pynbd.graph.perms import Perm, Role
 from pynbd.nodes.base import BlockError, BlockNode, Extent
 
 
@@ -24,6 +24,12 @@ class RawNode(BlockNode):
         if name == "file" and not self.offset and self._size is None:
             return Role.filtered()
         return Role.DATA | Role.PRIMARY
+
+    def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        # As qemu's raw_child_perm: the storage rule may add WRITE/RESIZE for a data child, but a
+        # raw window needs on its file only what its own parents take.
+        child_perm, child_shared = super().child_perm(link, perm, shared)
+        return child_perm & perm, child_shared
 
     @property
     def file(self) -> BlockNode:
