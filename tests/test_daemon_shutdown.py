@@ -126,3 +126,22 @@ def test_sigterm_with_clients_connected_and_exports_busy(start_daemon, workdir):
     assert image.read_bytes()[:4096] == b"\x99" * 4096
     with pytest.raises(nbd.Error):
         idle.pread(512, 0)  # the server closed the connection
+
+
+@pytest.mark.parametrize("how", ["quit", "SIGTERM"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_stopping_cancels_a_ready_job_waiting_for_finalize(kind, how, start_daemon, workdir):
+    """An active commit that is READY with auto-finalize off would wait forever for job-finalize
+    if stopping merely "completed" it: stopping cancels every job outright, as qemu does."""
+    base, top = workdir / "base.qcow2", workdir / "top.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(MiB)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 1M", str(base)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)])
+    daemon = start_daemon(kind)
+    daemon.ok("blockdev-add", driver="qcow2", **{"node-name": "top"}, file={"driver": "file", "filename": str(top)})
+    daemon.ok("block-commit", **{"job-id": "c0", "device": "top", "auto-finalize": False})
+    while (event := daemon.qmp.pull_event(wait=60))["event"] != "BLOCK_JOB_READY":
+        assert event is not None
+    assert stop_with(daemon, how) == 0
+    run(["qemu-img", "check", str(top)])
+    run(["qemu-img", "check", str(base)])

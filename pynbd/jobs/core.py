@@ -393,6 +393,6 @@ class JobManager:
     async def cancel_all(self) -> None:
         for job in list(self.jobs.values()):
             if job.status in VERBS["cancel"]:
-                job.cancel()
+                job.cancel(force=True)  # as qemu's job_cancel_sync_all: a READY job must not complete instead
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
