@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.peers import PYNBD
@@ -29,8 +30,18 @@ class Daemon:
     qmp: QEMUMonitorProtocol = field(init=False)
 
     def __post_init__(self) -> None:
-        self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        self.qmp.connect(negotiate=True)
+        # qemu-storage-daemon 7.2 now and then greets a client that connected while it was starting
+        # twice, and the second greeting spoils qmp_capabilities. Its socket monitor serves one
+        # client at a time, so a fresh connection (greeted once, by then) gets it right.
+        for attempt in range(3):
+            self.qmp = QEMUMonitorProtocol(self.qmp_path)
+            try:
+                self.qmp.connect(negotiate=True)
+                return
+            except ConnectError:
+                self.qmp.close()
+                if attempt == 2 or self.kind != "qsd" or self.proc.poll() is not None:
+                    raise
 
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.nbd_path}"
