@@ -24,9 +24,7 @@ def test_export_added_over_qmp_serves_the_file(kind, start_daemon, image):
     daemon.ok("blockdev-add", driver="file", **{"node-name": "f0"}, filename=str(image))
     daemon.ok("blockdev-add", driver="raw", **{"node-name": "r0"}, file="f0")
     daemon.ok("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, name="disk", writable=True)
-    assert daemon.ok("query-block-exports") == [
-        {"type": "nbd", "id": "e0", "node-name": "r0", "shutting-down": False}
-    ]
+    assert daemon.ok("query-block-exports") == [{"type": "nbd", "id": "e0", "node-name": "r0", "shutting-down": False}]
     out = run(["nbdinfo", "--map", daemon.uri("disk")]).stdout.split("\n")
     assert out[1].split()[:3] == [str(MiB), "65536", "0"]
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4096", daemon.uri("disk")])
@@ -69,3 +67,22 @@ def test_exports_come_and_go_while_others_serve(kind, start_daemon, image):
     h.shutdown()
     event = daemon.qmp.pull_event(wait=30)
     assert event["event"] == "BLOCK_EXPORT_DELETED" and event["data"] == {"id": "e1"}
+
+
+def test_blockdev_create_refuses_qcow2_options_it_cannot_honour(start_daemon, workdir):
+    """An image asked to be encrypted (or to keep its data elsewhere) must not come out plain."""
+    (workdir / "new.qcow2").write_bytes(b"")
+    daemon = start_daemon("pynbd")
+    daemon.ok("blockdev-add", driver="file", **{"node-name": "f"}, filename=str(workdir / "new.qcow2"))
+    for job_id, extra in (("enc", {"encrypt": {"format": "luks", "key-secret": "s0"}}), ("df", {"data-file": "f"})):
+        daemon.ok(
+            "blockdev-create", **{"job-id": job_id}, options={"driver": "qcow2", "file": "f", "size": MiB, **extra}
+        )
+        while True:
+            event = daemon.qmp.pull_event(wait=30)
+            if event["event"] == "JOB_STATUS_CHANGE" and event["data"]["status"] == "concluded":
+                break
+        [job] = daemon.ok("query-jobs")
+        assert "not supported" in job["error"]
+        daemon.ok("job-dismiss", id=job_id)
+    assert (workdir / "new.qcow2").read_bytes() == b""

@@ -108,6 +108,9 @@ async def create_qcow2_image(daemon: Daemon, options: dict) -> None:
     file = daemon.node(options["file"])
     if not isinstance(file, FileNode):
         raise BlockError(errno.ENOTSUP, "blockdev-create qcow2 needs a 'file' protocol node")
+    for unsupported in ("encrypt", "data-file"):  # never create a plain image where one of these was asked
+        if options.get(unsupported):
+            raise BlockError(errno.ENOTSUP, f"qcow2 option '{unsupported}' is not supported")
     create_options = CreateOptions(
         cluster_size=options.get("cluster-size", 65536),
         refcount_bits=options.get("refcount-bits", 16),
