@@ -18,6 +18,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from tests.peers import PYNBD
 
 KINDS = ("pynbd", "qsd")
+CONNECT_TIMEOUT = 30
 
 
 @dataclass
@@ -33,15 +34,18 @@ class Daemon:
         # qemu-storage-daemon 7.2 now and then greets a client that connected while it was starting
         # twice, and the second greeting spoils qmp_capabilities. Its socket monitor serves one
         # client at a time, so a fresh connection (greeted once, by then) gets it right.
+        # A start-up that never answers fails within CONNECT_TIMEOUT with the daemon's log, not at
+        # the test's timeout (legacy connect() has no timeout: this is its body with one).
         for attempt in range(3):
             self.qmp = QEMUMonitorProtocol(self.qmp_path)
+            self.qmp._qmp.await_greeting = self.qmp._qmp.negotiate = True
             try:
-                self.qmp.connect(negotiate=True)
+                self.qmp._sync(self.qmp._qmp.connect(self.qmp_path), timeout=CONNECT_TIMEOUT)
                 return
-            except ConnectError:
+            except (ConnectError, TimeoutError) as exc:
                 self.qmp.close()
                 if attempt == 2 or self.kind != "qsd" or self.proc.poll() is not None:
-                    raise
+                    raise AssertionError(f"{self.kind}: QMP connection failed ({exc!r}); log:\n{self.log()}") from exc
 
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.nbd_path}"
