@@ -73,6 +73,10 @@ def test_commit_copies_only_what_the_layers_allocate_and_can_punch_them(start_da
     assert os.stat(mid).st_blocks < used_before  # the committed clusters were given back
     run(["qemu-img", "check", str(mid)])
     run(["qemu-img", "check", str(base)])
+    restored = workdir / "restored.raw"  # the files alone still read the same, through either chain
+    for image in (top, mid):
+        run(["qemu-img", "convert", "-O", "raw", str(image), str(restored)])
+        assert restored.read_bytes()[: 4 * MiB] == before[: 4 * MiB]
 
 
 def test_copy_on_read_copies_up_and_releases_what_it_only_copied(start_daemon, workdir):

@@ -2,6 +2,7 @@
 pynbd daemon and qemu-storage-daemon, compared by what an NBD client reads afterwards."""
 
 import json
+import os
 
 import nbd
 import pytest
@@ -27,6 +28,14 @@ def read_all(uri):
     data = b"".join(h.pread(MiB, off) for off in range(0, h.get_size(), MiB))
     h.shutdown()
     return data
+
+
+def assert_image_reads(image, expected, workdir):
+    """The image file alone, opened by qemu after the daemon is gone, shows ``expected``."""
+    out = workdir / f"{image.stem}-converted.raw"
+    run(["qemu-img", "convert", "-O", "raw", str(image), str(out)])
+    assert out.read_bytes() == expected
+    out.unlink()
 
 
 def chain(workdir, kind):
@@ -104,6 +113,9 @@ def test_intermediate_commit_drops_the_middle_layer(kind, start_daemon, workdir)
     assert read_all(daemon.uri("w")) == before
     assert daemon.stop() == 0
     run(["qemu-img", "check", str(base)])
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(top)]).stdout)
+    assert os.path.basename(info["backing-filename"]) == base.name  # the header names the new chain
+    assert_image_reads(top, before, workdir)
     out = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x22 1M 2M", str(base)])  # mid's data is in base
     assert "Pattern verification failed" not in out.stdout
 
@@ -126,6 +138,8 @@ def test_stream_pulls_the_chain_into_the_top(kind, start_daemon, workdir):
     assert backing_of(daemon, "top") is None
     assert daemon.stop() == 0
     run(["qemu-img", "check", str(top)])
+    assert "backing-filename" not in json.loads(run(["qemu-img", "info", "--output=json", str(top)]).stdout)
+    assert_image_reads(top, expected, workdir)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -112,6 +112,7 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
             base,
             on_error=args.get("on-error", "report"),
             discard_committed=args.get("x-discard-committed", False),
+            backing_file=args.get("backing-file"),
             **_job_kwargs(args),
         )
     _start(daemon, job)
@@ -167,6 +168,7 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
         base,
         filter_node_name=args.get("filter-node-name"),
         on_error=args.get("on-error", "report"),
+        backing_file=args.get("backing-file"),
         **_job_kwargs(args),
     )
     _start(daemon, job)

@@ -11,6 +11,8 @@ from metadata alone.
 
 from __future__ import annotations
 
+import os
+
 from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
 from pynbd.graph.perms import Perm
 from pynbd.graph.reopen import restore, set_read_only
@@ -31,6 +33,7 @@ class CommitJob(Job):
         base: BlockNode,
         on_error: str = "report",
         discard_committed: bool = False,
+        backing_file: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(job_id, **kwargs)
@@ -40,6 +43,7 @@ class CommitJob(Job):
         self.base = base
         self.on_error = on_error
         self.discard_committed = discard_committed
+        self.backing_file = backing_file
         self.device = overlay_link.parent.node_name
         self.user = GraphUser(job_id, "block-job", f"commit job {job_id!r}")
         self.users = [self.user]
@@ -76,12 +80,17 @@ class CommitJob(Job):
         self.graph.unfreeze_links(self.frozen)
         self.frozen = []
         dropped = [link.parent for link in chain_links(self.top, self.base)]  # top .. just above base
+        overlay = self.overlay_link.parent
         self.graph.replace_child(self.overlay_link, self.base)
+        await record_backing(overlay, self.base, self.backing_file)
         if self.discard_committed:
+            # unallocate, not discard: the data now lives in the base, so reads through these
+            # layers (if anything still opens them) must fall through to it, not read zeroes
             for node in dropped:
-                if not node.read_only:
+                unallocate = getattr(node, "unallocate", None)
+                if unallocate is not None and not node.read_only:
                     for offset, length in self.committed:
-                        await node.discard(offset, length)
+                        await unallocate(offset, length)
 
     async def clean(self) -> None:
         if self.frozen:
@@ -94,3 +103,21 @@ class CommitJob(Job):
 
 
 
+
+
+async def record_backing(node: BlockNode, backing: BlockNode | None, name: str | None = None) -> None:
+    """Write the new backing file into ``node``'s image header (qcow2), as qemu does after commit
+    and stream: by default the backing image's file name, relative when it sits beside the image."""
+    setter = getattr(node, "set_backing_file", None)
+    if setter is None or node.read_only:
+        return
+    if backing is None:
+        await setter(None, None)
+        return
+    if name is None:
+        target = getattr(backing, "filename", "") or ""
+        here = os.path.dirname(getattr(node, "filename", "") or "")
+        if not target:
+            return  # not a file (an nbd node, say): nothing a header could name
+        name = os.path.relpath(target, here) if here and os.path.dirname(target) == here else target
+    await setter(name, backing.driver if backing.driver in ("raw", "qcow2") else "raw")

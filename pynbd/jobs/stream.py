@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
 from pynbd.graph.perms import Perm
+from pynbd.jobs.commit import record_backing
 from pynbd.jobs.copy import CopyEngine
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockNode
@@ -27,10 +28,12 @@ class StreamJob(Job):
         base: BlockNode | None,
         filter_node_name: str | None = None,
         on_error: str = "report",
+        backing_file: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(job_id, **kwargs)
         self.graph = graph
+        self.backing_file = backing_file
         self.top = top
         self.base = base
         self.on_error = on_error
@@ -76,6 +79,7 @@ class StreamJob(Job):
             self.graph.detach(backing)
         else:
             self.graph.replace_child(backing, self.base)
+        await record_backing(self.top, self.base, self.backing_file)
 
     async def clean(self) -> None:
         if self.frozen:

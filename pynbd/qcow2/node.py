@@ -36,6 +36,7 @@ from pynbd.qcow2.layout import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
     COMPRESSION_NAMES,
+    EXT_BACKING_FORMAT,
     EXT_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -773,6 +774,16 @@ class Qcow2Node(BlockNode):
 
     async def _write_header(self) -> None:
         await self.file.write(0, self.header.encode())
+
+    async def set_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record a new backing file in the header (after a commit or stream changed the chain),
+        so that opening the image later finds the chain the graph has now."""
+        self._require_writable()
+        async with self._lock:
+            self.header.backing_file = name
+            self.header.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
+            await self._write_header()
+            await self.file.flush()
 
     async def reopen(self, read_only: bool) -> None:
         """Switch access mode at run time (a commit's base, blockdev-reopen); the file node below
