@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -394,12 +395,16 @@ SCENARIOS = [raw_file_writes, discard_unmap, raw_window, null_co, implicit_nodes
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 def test_same_script_same_view(scenario, start_daemon, workdir):
     records = {}
-    for kind in KINDS:
-        directory = workdir / kind
-        directory.mkdir()
-        recorder = Recorder(start_daemon(kind), directory)
-        scenario(recorder)
-        records[kind] = recorder.observe()
+    try:
+        for kind in KINDS:
+            directory = workdir / kind
+            directory.mkdir()
+            recorder = Recorder(start_daemon(kind), directory)
+            scenario(recorder)
+            records[kind] = recorder.observe()  # stops the daemon
+    finally:
+        for kind in KINDS:  # the workdir fixture removes files only
+            shutil.rmtree(workdir / kind, ignore_errors=True)
     pynbd, qsd = records["pynbd"], records["qsd"]
     for key in qsd:
         assert pynbd.get(key) == qsd[key], f"{scenario.__name__}: {key} differs (left pynbd, right qsd)"
