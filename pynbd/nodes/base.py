@@ -232,3 +232,49 @@ def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
 
 HOLE_ZERO = int(State.HOLE | State.ZERO)
 DATA = int(State.DATA)
+
+
+class FilterNode(BlockNode):
+    """A node that shows its child ``child_name`` with something added, like an nbdkit filter:
+    every operation it does not override goes straight to the child (nbdkit's ``next_*`` calls).
+    The child is a node of its own, so closing a filter closes nothing below it."""
+
+    child_name = "file"
+
+    def child_role(self, name: str) -> Role:
+        return Role.filtered() if name == self.child_name else Role.DATA
+
+    @property
+    def filtered(self) -> BlockNode:
+        return self.children[self.child_name].node
+
+    @property
+    def size(self) -> int:
+        return self.filtered.size
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.filtered.read_into(offset, buf)
+
+    async def write(self, offset: int, data, fua: bool = False) -> None:
+        await self.filtered.write(offset, data, fua)
+
+    async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
+        await self.filtered.write_zeroes(offset, length, may_trim, fua, fast)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.filtered.discard(offset, length)
+
+    async def flush(self) -> None:
+        await self.filtered.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.filtered.block_status(offset, length)
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        return await self.filtered.allocation_depth(offset, length)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.filtered.cache(offset, length)
+
+    async def close(self) -> None:
+        return None

@@ -10,8 +10,7 @@ from __future__ import annotations
 import errno as errno_mod
 from dataclasses import dataclass
 
-from pynbd.graph.perms import Role
-from pynbd.nodes.base import BlockError, BlockNode, Extent
+from pynbd.nodes.base import BlockError, FilterNode
 
 
 @dataclass
@@ -30,19 +29,13 @@ class Rule:
         return True
 
 
-class BlkdebugNode(BlockNode):
+class BlkdebugNode(FilterNode):
     driver = "blkdebug"
+    child_name = "image"
 
     def __init__(self, rules: list[Rule], node_name: str = "") -> None:
         super().__init__(node_name)
         self.rules = rules
-
-    def child_role(self, name: str) -> Role:
-        return Role.filtered()
-
-    @property
-    def image(self) -> BlockNode:
-        return self.children["image"].node
 
     def _check(self, event: str, offset: int, length: int) -> None:
         for rule in self.rules:
@@ -50,35 +43,22 @@ class BlkdebugNode(BlockNode):
                 rule.fired = True
                 raise BlockError(rule.errno, f"blkdebug: injected error on {event} at {offset}")
 
-    @property
-    def size(self) -> int:
-        return self.image.size
-
     async def read_into(self, offset: int, buf: memoryview) -> None:
         self._check("read_aio", offset, len(buf))
-        await self.image.read_into(offset, buf)
+        await self.filtered.read_into(offset, buf)
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
         self._check("write_aio", offset, len(data))
-        await self.image.write(offset, data, fua)
+        await self.filtered.write(offset, data, fua)
 
     async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
         self._check("write_aio", offset, length)
-        await self.image.write_zeroes(offset, length, may_trim, fua, fast)
+        await self.filtered.write_zeroes(offset, length, may_trim, fua, fast)
 
     async def discard(self, offset: int, length: int) -> None:
         self._check("write_aio", offset, length)
-        await self.image.discard(offset, length)
+        await self.filtered.discard(offset, length)
 
     async def flush(self) -> None:
         self._check("flush_to_disk", 0, 0)
-        await self.image.flush()
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.image.block_status(offset, length)
-
-    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        return await self.image.allocation_depth(offset, length)
-
-    async def close(self) -> None:
-        pass
+        await self.filtered.flush()

@@ -21,16 +21,16 @@ import errno
 import logging
 
 from pynbd.bitmap import DirtyBitmap
-from pynbd.graph.perms import ALL, PASSTHROUGH, Perm, Role
+from pynbd.graph.perms import ALL, PASSTHROUGH, Perm
 from pynbd.jobs.copy import copy_chunk
-from pynbd.nodes.base import DATA, BlockError, BlockNode, Extent, merge_extents
+from pynbd.nodes.base import BlockError, BlockNode, Extent, FilterNode, merge_extents
 
 log = logging.getLogger("pynbd.cbw")
 
 MIN_CLUSTER = 64 * 1024
 
 
-class CopyBeforeWriteNode(BlockNode):
+class CopyBeforeWriteNode(FilterNode):
     driver = "copy-before-write"
 
     def __init__(
@@ -48,9 +48,6 @@ class CopyBeforeWriteNode(BlockNode):
 
     # -- graph ----------------------------------------------------------------------------------
 
-    def child_role(self, name: str) -> Role:
-        return Role.filtered() if name == "file" else Role.DATA
-
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         if link.name == "target":
             return Perm.WRITE, ALL & ~Perm.RESIZE
@@ -65,7 +62,7 @@ class CopyBeforeWriteNode(BlockNode):
 
     @property
     def file(self) -> BlockNode:
-        return self.children["file"].node
+        return self.filtered
 
     @property
     def target(self) -> BlockNode:
@@ -149,13 +146,6 @@ class CopyBeforeWriteNode(BlockNode):
 
     # -- the filter's own I/O (the live disk's users) ---------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return self.file.size
-
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        await self.file.read_into(offset, buf)
-
     async def write(self, offset: int, data, fua: bool = False) -> None:
         async with self._locked(self._clusters(offset, len(data))):
             await self._before_write(offset, len(data))
@@ -174,15 +164,6 @@ class CopyBeforeWriteNode(BlockNode):
     async def flush(self) -> None:
         await self.file.flush()
         await self.target.flush()
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.file.block_status(offset, length)
-
-    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        return await self.file.allocation_depth(offset, length)
-
-    async def close(self) -> None:
-        pass
 
     # -- the snapshot API (snapshot-access) ------------------------------------------------------
 
@@ -233,27 +214,20 @@ class CopyBeforeWriteNode(BlockNode):
                     await self.target.discard(start, min(self.cluster_size, self.size - start))
 
 
-class SnapshotAccessNode(BlockNode):
+class SnapshotAccessNode(FilterNode):
     """``snapshot-access``: the point-in-time view of a copy-before-write filter, read-only."""
 
     driver = "snapshot-access"
-
-    def child_role(self, name: str) -> Role:
-        return Role.filtered()
 
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         return Perm(0), ALL
 
     @property
     def cbw(self) -> CopyBeforeWriteNode:
-        node = self.children["file"].node
+        node = self.filtered
         if not isinstance(node, CopyBeforeWriteNode):
             raise BlockError(errno.EINVAL, "snapshot-access needs a copy-before-write node as its file")
         return node
-
-    @property
-    def size(self) -> int:
-        return self.cbw.size
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         await self.cbw.snapshot_read(offset, buf)
@@ -267,17 +241,9 @@ class SnapshotAccessNode(BlockNode):
     async def discard(self, offset: int, length: int) -> None:
         await self.cbw.snapshot_discard(offset, length)
 
-    async def flush(self) -> None:
-        pass
-
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         return await self.cbw.snapshot_block_status(offset, length)
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         return [(length, 1)]
 
-    async def close(self) -> None:
-        pass
-
-
-__all__ = ["CopyBeforeWriteNode", "SnapshotAccessNode", "DATA"]

@@ -14,14 +14,14 @@ import errno
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.graph.core import chain_links
-from pynbd.graph.perms import PASSTHROUGH, Perm, Role
-from pynbd.nodes.base import BlockError, BlockNode, Extent
+from pynbd.graph.perms import PASSTHROUGH, Perm
+from pynbd.nodes.base import BlockError, BlockNode, FilterNode
 from pynbd.nodes.tracking import RangeLock
 
 TRACK_GRANULARITY = 64 * 1024
 
 
-class CopyOnReadNode(BlockNode):
+class CopyOnReadNode(FilterNode):
     driver = "copy-on-read"
 
     def __init__(self, node_name: str = "", bottom: BlockNode | None = None, track_copied: bool = False) -> None:
@@ -31,31 +31,20 @@ class CopyOnReadNode(BlockNode):
         self.copied: DirtyBitmap | None = None
         self.track_copied = track_copied
 
-    def child_role(self, name: str) -> Role:
-        return Role.filtered()
-
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # copy-ups write the top without changing what it shows: WRITE_UNCHANGED, always
         return (perm & PASSTHROUGH) | Perm.WRITE_UNCHANGED, (shared & PASSTHROUGH) | Perm.WRITE_UNCHANGED
 
-    @property
-    def file(self) -> BlockNode:
-        return self.children["file"].node
-
-    @property
-    def size(self) -> int:
-        return self.file.size
-
     def _layers_above_bottom(self) -> int | None:
         if self.bottom is None:
             return None
-        return len(chain_links(self.file, self.bottom)) + 1
+        return len(chain_links(self.filtered, self.bottom)) + 1
 
     async def _copy_up_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Sub-ranges the top does not hold but a layer above ``bottom`` (or any layer) does."""
         limit = self._layers_above_bottom()
         out, pos = [], offset
-        for ext_len, depth in await self.file.allocation_depth(offset, length):
+        for ext_len, depth in await self.filtered.allocation_depth(offset, length):
             if depth > 1 and (limit is None or depth <= limit):
                 out.append((pos, ext_len))
             pos += ext_len
@@ -63,10 +52,10 @@ class CopyOnReadNode(BlockNode):
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         async with self.lock.hold(offset, offset + len(buf)):
-            await self.file.read_into(offset, buf)
+            await self.filtered.read_into(offset, buf)
             for start, length in await self._copy_up_ranges(offset, len(buf)):
                 piece = buf[start - offset : start - offset + length]
-                await self.file.write(start, piece)
+                await self.filtered.write(start, piece)
                 if self.track_copied:
                     self._copied().set_range(start, length)
 
@@ -87,9 +76,10 @@ class CopyOnReadNode(BlockNode):
         released = 0
         for start, length in self.copied.dirty_ranges():
             async with self.lock.hold(start, start + length):
-                unallocate = getattr(self.file, "unallocate", None)
+                unallocate = getattr(self.filtered, "unallocate", None)
                 if unallocate is None:
-                    raise BlockError(errno.ENOTSUP, f"{self.file.describe()} cannot give clusters back to its backing")
+                    what = self.filtered.describe()
+                    raise BlockError(errno.ENOTSUP, f"{what} cannot give clusters back to its backing")
                 await unallocate(start, length)
                 self.copied.reset_range(start, length)
                 released += length
@@ -104,22 +94,10 @@ class CopyOnReadNode(BlockNode):
             await apply()
 
     async def write(self, offset: int, data, fua: bool = False) -> None:
-        await self._guest(offset, len(data), lambda: self.file.write(offset, data, fua))
+        await self._guest(offset, len(data), lambda: self.filtered.write(offset, data, fua))
 
     async def write_zeroes(self, offset, length, may_trim=True, fua=False, fast=False) -> None:
-        await self._guest(offset, length, lambda: self.file.write_zeroes(offset, length, may_trim, fua, fast))
+        await self._guest(offset, length, lambda: self.filtered.write_zeroes(offset, length, may_trim, fua, fast))
 
     async def discard(self, offset: int, length: int) -> None:
-        await self._guest(offset, length, lambda: self.file.discard(offset, length))
-
-    async def flush(self) -> None:
-        await self.file.flush()
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.file.block_status(offset, length)
-
-    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        return await self.file.allocation_depth(offset, length)
-
-    async def close(self) -> None:
-        pass
+        await self._guest(offset, length, lambda: self.filtered.discard(offset, length))

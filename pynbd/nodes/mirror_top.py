@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 
 from pynbd.bitmap import DirtyBitmap
-from pynbd.graph.perms import PASSTHROUGH, Perm, Role
-from pynbd.nodes.base import BlockNode, Extent
+from pynbd.graph.perms import PASSTHROUGH, Perm
+from pynbd.nodes.base import BlockNode, FilterNode
 from pynbd.nodes.tracking import RangeLock
 
 
-class MirrorTopNode(BlockNode):
+class MirrorTopNode(FilterNode):
     driver = "mirror_top"
 
     def __init__(self, node_name: str, granularity: int, active_commit: bool = False) -> None:
@@ -35,9 +35,6 @@ class MirrorTopNode(BlockNode):
         self.copy_lock = RangeLock()
         self.new_dirt = asyncio.Event()
 
-    def child_role(self, name: str) -> Role:
-        return Role.filtered()
-
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         child_perm = perm & PASSTHROUGH
         child_shared = (shared & PASSTHROUGH) | Perm.WRITE_UNCHANGED
@@ -50,18 +47,11 @@ class MirrorTopNode(BlockNode):
 
     @property
     def source(self) -> BlockNode:
-        return self.children["file"].node
+        return self.filtered
 
     def activate(self, target: BlockNode) -> None:
         self.target = target
         self.dirty = DirtyBitmap(self.source.size, self.granularity)
-
-    @property
-    def size(self) -> int:
-        return self.source.size
-
-    async def read_into(self, offset: int, buf: memoryview) -> None:
-        await self.source.read_into(offset, buf)
 
     async def _guest_write(self, offset: int, length: int, apply) -> None:
         if self.write_blocking:
@@ -83,14 +73,3 @@ class MirrorTopNode(BlockNode):
     async def discard(self, offset: int, length: int) -> None:
         await self._guest_write(offset, length, lambda node: node.discard(offset, length))
 
-    async def flush(self) -> None:
-        await self.source.flush()
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        return await self.source.block_status(offset, length)
-
-    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        return await self.source.allocation_depth(offset, length)
-
-    async def close(self) -> None:
-        pass
