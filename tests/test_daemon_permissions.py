@@ -164,6 +164,24 @@ def test_pynbd_will_not_open_an_image_qemu_holds(start_daemon, workdir):
     run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x44 0 64k", pynbd.uri("q0")])
 
 
+def test_a_refused_read_write_open_writes_nothing(start_daemon, workdir):
+    """A read-write qcow2 open writes (bitmaps marked in use); refused for a lock, it must not have
+    written a byte. qemu-storage-daemon holds the image read-only here, so it marks nothing itself
+    and any write by pynbd would show."""
+    image = qcow2(workdir / "disk.qcow2")
+    run(["qemu-img", "bitmap", "--add", image, "b0"])
+    qsd = start_daemon("qsd", "--blockdev", f"driver=file,node-name=qf,filename={image},read-only=on",
+                       "--blockdev", "driver=qcow2,node-name=q0,file=qf,read-only=on")  # fmt: skip
+    assert qsd.ok("query-named-block-nodes")
+    before = digest(image)
+    pynbd = start_daemon("pynbd")
+    error = pynbd.fails(
+        "blockdev-add", driver="qcow2", **{"node-name": "q0"}, file={"driver": "file", "filename": image}
+    )
+    assert "lock" in error
+    assert digest(image) == before
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cycles_are_refused(kind, start_daemon, workdir):
     daemon = start_daemon(kind)

@@ -45,12 +45,15 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
     read_only = options.get("read-only", False)
     try:
         header = await read_header(file)
-        node = await Qcow2Node.open(file, header=header, read_only=read_only, filename=node_filename(file))
+        node = await Qcow2Node.open(
+            file, header=header, read_only=read_only, filename=node_filename(file), defer_activation=True
+        )
     except FormatError as exc:
         raise QMPError(f"Image is not in qcow2 format: {exc}") from None
     node.node_name = options.get("node-name") or daemon.graph.auto_name()
     try:
-        daemon.graph.attach_child(node, "file", file)
+        daemon.graph.attach_child(node, "file", file)  # permissions and locks first ...
+        await node.activate()  # ... and only then the writes of a read-write open
         if "backing" not in options:
             backing = await _open_backing_chain(daemon, header, node_filename(file), created)
         elif options["backing"] is None:

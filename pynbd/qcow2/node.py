@@ -176,8 +176,13 @@ class Qcow2Node(BlockNode):
         read_only: bool = False,
         filename: str = "",
         node_name: str = "",
+        defer_activation: bool = False,
     ) -> Qcow2Node:
-        """Open an image on ``file``; ``backing`` is the already opened backing node, if any."""
+        """Open an image on ``file``; ``backing`` is the already opened backing node, if any.
+
+        Read-write, opening writes (bitmaps IN_USE, autoclear bits). In a graph that must wait
+        until the node holds its permissions and locks on the file: ``defer_activation`` leaves it
+        to :meth:`activate`, which the caller runs after attaching the file."""
         header = header or await read_header(file)
         check_openable(header)
         if header.extended_l2 and not read_only:
@@ -210,7 +215,7 @@ class Qcow2Node(BlockNode):
             node_name=node_name,
         )
         await node._load_bitmaps()
-        if not read_only:
+        if not read_only and not defer_activation:
             await node._open_read_write()
         return node
 
@@ -784,6 +789,11 @@ class Qcow2Node(BlockNode):
             self.header.set_extension(EXT_BACKING_FORMAT, fmt.encode() if name and fmt else None)
             await self._write_header()
             await self.file.flush()
+
+    async def activate(self) -> None:
+        """Finish a read-write open deferred by ``open(defer_activation=True)``."""
+        if not self.read_only:
+            await self._open_read_write()
 
     async def reopen(self, read_only: bool) -> None:
         """Switch access mode at run time (a commit's base, blockdev-reopen); the file node below
