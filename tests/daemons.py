@@ -64,6 +64,21 @@ class Daemon:
         assert "error" in reply, f"{self.kind}: {command} {args} unexpectedly succeeded"
         return reply["error"]["desc"]
 
+    def events_until(self, name: str, job: str | None = None, timeout: float = 60) -> list[dict]:
+        """The events that arrive up to and including the first ``name`` (for ``job``, if given)."""
+        seen: list[dict] = []
+        while True:
+            event = self.qmp.pull_event(wait=timeout)
+            assert event is not None, f"{self.kind}: no {name} within {timeout}s; saw {[e['event'] for e in seen]}"
+            seen.append(event)
+            data = event.get("data", {})
+            if event["event"] == name and (job is None or data.get("device", data.get("id")) == job):
+                return seen
+
+    def wait_event(self, name: str, job: str | None = None, timeout: float = 60) -> dict:
+        """The first event ``name`` (for ``job``, if given); earlier events are dropped."""
+        return self.events_until(name, job, timeout)[-1]
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

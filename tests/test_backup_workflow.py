@@ -172,14 +172,6 @@ def batch(seed: int) -> list[tuple[str, int, int, int]]:
     return ops
 
 
-def wait_event(daemon, name: str) -> dict:
-    while True:
-        event = daemon.qmp.pull_event(wait=60)
-        assert event is not None, f"{daemon.kind}: no {name} event"
-        if event["event"] == name:
-            return event
-
-
 def context_map(uri: str, context: str) -> list[tuple[int, int, int]]:
     h = nbd.NBD()
     h.add_meta_context(context)
@@ -309,10 +301,10 @@ class Workflow:
     def stop_fleecing(self, k: int) -> None:
         d = self.daemon
         d.ok("block-export-del", id="backup")
-        wait_event(d, "BLOCK_EXPORT_DELETED")
+        d.wait_event("BLOCK_EXPORT_DELETED")
         if self.way == "old":
             d.ok("block-job-cancel", device="fleecing")
-            wait_event(d, "BLOCK_JOB_CANCELLED")
+            d.wait_event("BLOCK_JOB_CANCELLED")
             d.ok("blockdev-del", **{"node-name": "tmp"})
         else:
             d.ok("blockdev-del", **{"node-name": "snap"})

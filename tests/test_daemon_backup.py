@@ -12,14 +12,6 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def wait_event(daemon, name, timeout=60):
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {name} event within {timeout}s"
-        if event["event"] == name:
-            return event
-
-
 def pattern_image(path, seed=1):
     data = bytearray(SIZE)
     for i in range(0, SIZE, 128 * 1024):
@@ -65,7 +57,7 @@ def test_full_backup_is_the_disk_at_job_start_while_the_writer_goes_on(kind, sta
     # the writer keeps writing while the (rate-limited) job runs; every write is copied first
     for i in range(0, SIZE, MiB):
         writer.pwrite(b"\xee" * 4096, i + 4096)
-    wait_event(daemon, "BLOCK_JOB_COMPLETED")
+    daemon.wait_event("BLOCK_JOB_COMPLETED")
     writer.flush()
     writer.shutdown()
     assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(original).digest()
@@ -83,7 +75,7 @@ def test_incremental_backup_copies_only_the_dirty_clusters(kind, start_daemon, s
     writer.pwrite(b"\x11" * 100, 3 * MiB)
     writer.flush()
     daemon.ok("blockdev-backup", device="d0", target="t0", sync="incremental", bitmap="b0", **{"job-id": "i0"})
-    completed = wait_event(daemon, "BLOCK_JOB_COMPLETED")
+    completed = daemon.wait_event("BLOCK_JOB_COMPLETED")
     assert completed["data"]["len"] == 65536 and "error" not in completed["data"]
     writer.shutdown()
     copied = target.read_bytes()
@@ -105,7 +97,7 @@ def test_cancelled_backup_leaves_the_graph_and_bitmap_as_before(kind, start_daem
     writer.pwrite(b"\x22" * 512, 0)
     writer.flush()
     daemon.ok("block-job-cancel", device="f")
-    assert wait_event(daemon, "BLOCK_JOB_CANCELLED")["data"]["device"] == "f"
+    assert daemon.wait_event("BLOCK_JOB_CANCELLED")["data"]["device"] == "f"
     writer.pwrite(b"\x33" * 512, MiB)  # no filter any more: no copy
     writer.shutdown()
     bitmaps = {n["node-name"]: n.get("dirty-bitmaps") for n in daemon.ok("query-named-block-nodes")}

@@ -11,14 +11,6 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def wait_for(daemon, name, timeout=60):
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {name}"
-        if event["event"] == name:
-            return event["data"]
-
-
 def bitmap_count(daemon, node, name):
     nodes = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}
     return {b["name"]: b["count"] for b in nodes[node].get("dirty-bitmaps", [])}[name]
@@ -53,7 +45,7 @@ def test_bitmap_modes_after_success(kind, mode, start_daemon, workdir):
     daemon.ok(
         "blockdev-backup", device="d0", target="t0", sync="bitmap", bitmap="b0", **{"bitmap-mode": mode, "job-id": "j"}
     )
-    assert "error" not in wait_for(daemon, "BLOCK_JOB_COMPLETED")
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     h.pwrite(b"\x03" * 4096, 7 * MiB)  # after the backup
     h.shutdown()
     copied = target.read_bytes()
@@ -77,7 +69,7 @@ def test_bitmap_modes_after_cancel(kind, mode, start_daemon, workdir):
         **{"bitmap-mode": mode, "job-id": "j"},
     )
     daemon.ok("block-job-cancel", device="j")
-    wait_for(daemon, "BLOCK_JOB_CANCELLED")
+    daemon.wait_event("BLOCK_JOB_CANCELLED")
     h.shutdown()
     # never and on-success take the whole bitmap back; always keeps only what was not copied (the
     # first chunk goes before the speed limit bites, in qemu and here alike)
@@ -104,7 +96,7 @@ def test_sync_top_copies_only_the_top_layer(kind, start_daemon, workdir):
     )
     daemon.fails("blockdev-backup", device="top", target="t0", sync="top")  # no job-id: no default here
     daemon.ok("blockdev-backup", device="top", target="t0", sync="top", **{"job-id": "j"})
-    assert "error" not in wait_for(daemon, "BLOCK_JOB_COMPLETED")
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     copied = target.read_bytes()
     assert copied[MiB : MiB + 65536] == b"\x22" * 65536
     assert copied[:MiB] == bytes(MiB)  # base data is not the top layer's

@@ -12,14 +12,6 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def wait_for(daemon, name, timeout=60):
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {name}"
-        if event["event"] == name:
-            return event["data"]
-
-
 def three_layers(workdir, kind):
     base, mid, top = (workdir / f"{kind}-{n}.qcow2" for n in ("base", "mid", "top"))
     run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(SIZE)])
@@ -66,7 +58,7 @@ def test_commit_copies_only_what_the_layers_allocate_and_can_punch_them(start_da
         device="top",
         **{"top-node": "mid", "base-node": base_node, "job-id": "c", "x-discard-committed": True},
     )
-    done = wait_for(daemon, "BLOCK_JOB_COMPLETED")
+    done = daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     assert "error" not in done and done["len"] == 2 * MiB  # mid's 2 MiB; nothing else was read
     assert read_all(daemon.uri("w")) == before
     assert daemon.stop() == 0
@@ -133,7 +125,7 @@ def test_cancelled_jobs_leave_the_graph_as_it_was(kind, job, start_daemon, workd
     else:
         daemon.ok("block-stream", device="top", **common)
     daemon.ok("block-job-cancel", device="j", force=True)
-    wait_for(daemon, "BLOCK_JOB_CANCELLED")
+    daemon.wait_event("BLOCK_JOB_CANCELLED")
     after = daemon.ok("x-debug-query-block-graph")
     names = lambda graph: sorted(n["name"] for n in graph["nodes"])  # noqa: E731
     assert names(after) == names(before)

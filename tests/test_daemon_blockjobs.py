@@ -14,14 +14,6 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def wait_event(daemon, name, timeout=60):
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {name} event within {timeout}s"
-        if event["event"] == name:
-            return event
-
-
 def read_all(uri):
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -79,10 +71,10 @@ def test_active_commit_pivots_to_the_base(kind, start_daemon, workdir):
     writer = nbd.NBD()
     writer.connect_uri(daemon.uri("w"))
     daemon.ok("block-commit", device="top", **{"job-id": "c"})
-    wait_event(daemon, "BLOCK_JOB_READY")
+    daemon.wait_event("BLOCK_JOB_READY")
     writer.pwrite(b"\x44" * 65536, 5 * MiB)  # while ready: must reach the base too
     daemon.ok("block-job-complete", device="c")
-    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     writer.pwrite(b"\x55" * 4096, 7 * MiB)  # after the pivot the export writes the base
     writer.flush()
     writer.shutdown()
@@ -108,7 +100,7 @@ def test_intermediate_commit_drops_the_middle_layer(kind, start_daemon, workdir)
     mid_node = backing_of(daemon, "top")
     base_node = backing_of(daemon, mid_node)
     daemon.ok("block-commit", device="top", **{"top-node": mid_node, "base-node": base_node, "job-id": "c"})
-    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     assert backing_of(daemon, "top") == base_node
     assert read_all(daemon.uri("w")) == before
     assert daemon.stop() == 0
@@ -129,7 +121,7 @@ def test_stream_pulls_the_chain_into_the_top(kind, start_daemon, workdir):
     writer.connect_uri(daemon.uri("w"))
     daemon.ok("block-stream", device="top", **{"job-id": "s"})  # everything, no base left
     writer.pwrite(b"\x66" * 512, 1 * MiB)  # racing the copy-up of the same range
-    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     writer.flush()
     writer.shutdown()
     expected = bytearray(before)
@@ -160,10 +152,10 @@ def test_mirror_keeps_the_target_in_step_and_pivots(kind, start_daemon, workdir)
     writer.connect_uri(daemon.uri("w"))
     daemon.ok("blockdev-mirror", device="s0", target="t0", sync="full", **{"job-id": "m"})
     writer.pwrite(b"\x77" * 4096, 3 * MiB)
-    wait_event(daemon, "BLOCK_JOB_READY")
+    daemon.wait_event("BLOCK_JOB_READY")
     writer.pwrite(b"\x78" * 4096, 4 * MiB)
     daemon.ok("block-job-complete", device="m")
-    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     writer.pwrite(b"\x79" * 4096, 5 * MiB)  # after the pivot: only the target gets it
     writer.flush()
     writer.shutdown()
@@ -216,12 +208,12 @@ def test_mirror_sync_top_and_none_copy_only_their_part(kind, sync, start_daemon,
     writer = nbd.NBD()
     writer.connect_uri(daemon.uri("w"))
     daemon.ok("blockdev-mirror", device="top", target="t0", sync=sync, **{"job-id": "m"})
-    wait_event(daemon, "BLOCK_JOB_READY")
+    daemon.wait_event("BLOCK_JOB_READY")
     writer.pwrite(b"\x9a" * 4096, 7 * MiB)  # while mirroring: reaches the target in every mode
     writer.flush()
     writer.shutdown()
     daemon.ok("block-job-cancel", device="m")  # after ready: complete without pivot
-    assert "error" not in wait_event(daemon, "BLOCK_JOB_COMPLETED")["data"]
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     copied = target.read_bytes()
     assert copied[7 * MiB : 7 * MiB + 4096] == b"\x9a" * 4096
     top_layer = copied[2 * MiB : 4 * MiB]  # written in top (0x33)

@@ -96,8 +96,7 @@ def scenario(start_daemon, kind, disk, fleece):
     writer.shutdown()
     daemon.ok("block-export-del", id="f")
     daemon.ok("block-job-cancel", device="fl")
-    while daemon.qmp.pull_event(wait=60)["event"] != "BLOCK_JOB_CANCELLED":
-        pass
+    daemon.wait_event("BLOCK_JOB_CANCELLED")
     daemon.ok("blockdev-del", **{"node-name": "tmp"})
     nodes = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}
     seen["bitmaps"] = sorted((b["name"], b["count"]) for b in nodes["d0"]["dirty-bitmaps"])

@@ -11,17 +11,6 @@ MiB = 1 << 20
 SIZE = 8 * MiB
 
 
-def events(daemon, until, timeout=60):
-    """Events up to and including the first named ``until``."""
-    seen = []
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {until} within {timeout}s; saw {seen}"
-        seen.append(event)
-        if event["event"] == until:
-            return seen
-
-
 def statuses(seen):
     return [e["data"]["status"] for e in seen if e["event"] == "JOB_STATUS_CHANGE"]
 
@@ -59,22 +48,22 @@ def test_pause_resume_and_manual_finalize_dismiss(kind, start_daemon, files):
         **{"job-id": "j", "auto-finalize": False, "auto-dismiss": False},
     )
     daemon.ok("job-pause", id="j")
-    seen = events(daemon, "JOB_STATUS_CHANGE")
+    seen = daemon.events_until("JOB_STATUS_CHANGE")
     while statuses(seen)[-1] != "paused":
-        seen += events(daemon, "JOB_STATUS_CHANGE")
+        seen += daemon.events_until("JOB_STATUS_CHANGE")
     assert daemon.ok("query-block-jobs")[0]["paused"] is True
     daemon.fails("job-pause", id="nope")
     daemon.ok("block-job-set-speed", device="j", speed=0)
     daemon.ok("job-resume", id="j")
-    seen += events(daemon, "BLOCK_JOB_PENDING")
+    seen += daemon.events_until("BLOCK_JOB_PENDING")
     assert [j["status"] for j in daemon.ok("query-jobs")] == ["pending"]
     daemon.fails("job-dismiss", id="j")  # not concluded yet
     daemon.ok("job-finalize", id="j")
-    seen += events(daemon, "BLOCK_JOB_COMPLETED")
-    seen += events(daemon, "JOB_STATUS_CHANGE")
+    seen += daemon.events_until("BLOCK_JOB_COMPLETED")
+    seen += daemon.events_until("JOB_STATUS_CHANGE")
     assert [j["status"] for j in daemon.ok("query-jobs")] == ["concluded"]
     daemon.ok("job-dismiss", id="j")
-    seen += events(daemon, "JOB_STATUS_CHANGE")
+    seen += daemon.events_until("JOB_STATUS_CHANGE")
     # qemu also pauses jobs briefly for its own drained sections, so only the shape is compared
     order = statuses(seen)
     assert order[:3] == ["created", "running", "paused"]
@@ -104,13 +93,13 @@ def test_target_write_errors_follow_the_policy(kind, policy, start_daemon, files
     )
     daemon.ok("blockdev-backup", device="d0", target="bad", sync="full", **{"job-id": "j", "on-target-error": policy})
     if policy == "stop":
-        seen = events(daemon, "BLOCK_JOB_ERROR")
+        seen = daemon.events_until("BLOCK_JOB_ERROR")
         assert seen[-1]["data"] == {"device": "j", "operation": "write", "action": "stop"}
         while daemon.ok("query-block-jobs")[0]["status"] != "paused":
-            events(daemon, "JOB_STATUS_CHANGE")
+            daemon.events_until("JOB_STATUS_CHANGE")
         assert daemon.ok("query-block-jobs")[0]["io-status"] == "failed"
         daemon.ok("block-job-resume", device="j")
-    done = events(daemon, "BLOCK_JOB_COMPLETED")
+    done = daemon.events_until("BLOCK_JOB_COMPLETED")
     errors = [e["data"] for e in done if e["event"] == "BLOCK_JOB_ERROR"]
     completed = done[-1]["data"]
     assert daemon.stop() == 0
@@ -160,7 +149,7 @@ def test_frozen_chain_and_reopen(kind, start_daemon, workdir):
     daemon.fails("blockdev-reopen", options=[reopen])  # the backing link is frozen
     daemon.fails("blockdev-del", **{"node-name": "base"})
     daemon.ok("block-job-cancel", device="c", force=True)
-    events(daemon, "BLOCK_JOB_CANCELLED")
+    daemon.events_until("BLOCK_JOB_CANCELLED")
     daemon.ok("blockdev-reopen", options=[reopen])  # now it may change
     h.shutdown()
     h = nbd.NBD()

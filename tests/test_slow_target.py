@@ -14,15 +14,6 @@ MiB = 1 << 20
 SIZE = 16 * MiB
 
 
-def wait_for(daemon, name, job, timeout=120):
-    while True:
-        event = daemon.qmp.pull_event(wait=timeout)
-        assert event is not None, f"{daemon.kind}: no {name} for {job} within {timeout}s"
-        data = event.get("data", {})
-        if event["event"] == name and data.get("device", data.get("id")) == job:
-            return data
-
-
 def read_all(uri):
     h = nbd.NBD()
     h.connect_uri(uri)
@@ -71,12 +62,12 @@ def test_backup_through_a_fast_overlay_reaches_the_slow_target(kind, commit, sta
     for i in range(32):
         writer.pwrite(bytes([i]) * 65536, (i * 3 * 65536) % SIZE)
     writer.flush()
-    assert "error" not in wait_for(daemon, "BLOCK_JOB_COMPLETED", "bk")
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED", "bk")["data"]
     if commit == "later":
         daemon.ok("block-commit", device="fast", **{"job-id": "cm"})
-    wait_for(daemon, "BLOCK_JOB_READY", "cm")
+    daemon.wait_event("BLOCK_JOB_READY", "cm")
     daemon.ok("block-job-complete", device="cm")
-    assert "error" not in wait_for(daemon, "BLOCK_JOB_COMPLETED", "cm")
+    assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED", "cm")["data"]
     writer.pwrite(b"\xff" * 4096, 0)  # the disk is still served after both jobs
     writer.shutdown()
     assert read_all(slow.uri) == at_start
