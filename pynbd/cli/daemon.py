@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
@@ -68,6 +67,7 @@ async def apply_option(daemon, kind: str, text: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from pynbd.cli.pidfile import pid_file
     from pynbd.daemon import load_commands
     from pynbd.daemon.core import Daemon
     from pynbd.graph.core import GraphError
@@ -93,20 +93,12 @@ async def serve(args: argparse.Namespace) -> int:
     except BaseException:
         await daemon.shutdown()
         raise
-    if args.pid_file:
-        with open(args.pid_file + ".tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.rename(args.pid_file + ".tmp", args.pid_file)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.quit.set)
-    await daemon.quit.wait()
-    daemon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-    await qmp.close()
-    await daemon.shutdown()
-    if args.pid_file:
-        try:
-            os.unlink(args.pid_file)
-        except FileNotFoundError:
-            pass
+    with pid_file(args.pid_file):
+        await daemon.quit.wait()
+        daemon.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        await qmp.close()
+        await daemon.shutdown()
     return 0

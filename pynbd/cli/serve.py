@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 
+from pynbd.cli.pidfile import pid_file
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.memory import MemoryNode
 from pynbd.nodes.open import FORMATS, open_image
@@ -126,11 +127,6 @@ async def serve(args: argparse.Namespace) -> int:
         server.listen_unix(args.socket)
     else:
         server.listen_tcp(args.bind or "127.0.0.1", args.port)
-    if args.pid_file:
-        with open(args.pid_file + ".tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.rename(args.pid_file + ".tmp", args.pid_file)
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,14 +135,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.once:
         waiters.append(asyncio.create_task(server.client_gone.wait()))
     log.info("serving %s (%d bytes) as export %r", node.describe(), node.size, export.name)
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    for task in waiters:
-        task.cancel()
-    await server.shutdown()
-    await node.close()
-    if args.pid_file:
-        try:
-            os.unlink(args.pid_file)
-        except FileNotFoundError:
-            pass
+    with pid_file(args.pid_file):
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters:
+            task.cancel()
+        await server.shutdown()
+        await node.close()
     return 0
