@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import ctypes
-import errno
 import os
 import stat
 import sys
@@ -28,25 +26,15 @@ from pynbd.client.contexts import is_dirty, is_zero
 from pynbd.client.errors import NBDError
 from pynbd.client.pool import ClientPool, connect_pool
 from pynbd.client.uri import is_nbd_uri
-from pynbd.protocol.constants import BASE_ALLOCATION
+from pynbd.nodes.base import merge_extents
+from pynbd.nodes.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, seek_extents
+from pynbd.protocol.constants import BASE_ALLOCATION, State
 
 DEFAULT_REQUEST_SIZE = 1 << 20
 DEFAULT_REQUESTS = 16
 ZERO_STEP = 256 << 20  # largest zero request issued at once (the client splits further if needed)
 QCOW2_MAGIC = b"QFI\xfb"
 _ZEROS = bytes(32 << 20)
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    return _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
-
 
 class CopyError(Exception):
     pass
@@ -185,34 +173,20 @@ class FileDisk(Disk):
 
     async def zero(self, count: int, offset: int) -> None:
         if self.regular:
-            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            result = await self._run(_fallocate, self.fd, mode, offset, count)
-            if result == 0:
+            try:
+                await self._run(fallocate, self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
                 return
+            except OSError:
+                pass  # no hole punching here: write zeroes
         await super().zero(count, offset)
 
     async def extents(self, offset: int, count: int) -> list[tuple[int, int, bool]]:
         if not self.regular:
             return [(offset, count, False)]
-        end = offset + count
-        out: list[tuple[int, int, bool]] = []
-        pos = offset
-        try:
-            while pos < end:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-                if data > pos:
-                    out.append((pos, min(data, end) - pos, True))
-                    pos = min(data, end)
-                    if pos >= end:
-                        break
-                hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
-                out.append((pos, hole - pos, False))
-                pos = hole
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos: a hole up to the end
-                out.append((pos, end - pos, True))
-            else:
-                return [(offset, count, False)]
+        out, pos = [], offset
+        for length, state in merge_extents(seek_extents(self.fd, offset, offset + count)):
+            out.append((pos, length, bool(state & State.ZERO)))
+            pos += length
         return out
 
     async def flush(self) -> None:

@@ -59,6 +59,28 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def seek_extents(fd: int, pos: int, end: int):
+    """(length, base:allocation state) of ``[pos, end)`` from lseek SEEK_DATA/SEEK_HOLE; a
+    filesystem without them reports everything as data."""
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to EOF
+                yield end - pos, HOLE_ZERO
+                return
+            yield end - pos, DATA
+            return
+        if data > pos:
+            yield min(data, end) - pos, HOLE_ZERO
+            pos = data
+            if pos >= end:
+                return
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        yield min(hole, end) - pos, DATA
+        pos = hole
+
+
 class FileNode(BlockNode):
     driver = "file"
     can_sendfile = True
@@ -174,27 +196,7 @@ class FileNode(BlockNode):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if self.is_block_device:
             return [(length, DATA)]
-        return merge_extents(self._seek_extents(offset, offset + length))
-
-    def _seek_extents(self, pos: int, end: int):
-        """Walk data and holes with lseek; a filesystem without SEEK_DATA reports all data."""
-        while pos < end:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole up to EOF
-                    yield end - pos, HOLE_ZERO
-                    return
-                yield end - pos, DATA
-                return
-            if data > pos:
-                yield min(data, end) - pos, HOLE_ZERO
-                pos = data
-                if pos >= end:
-                    return
-            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
-            yield min(hole, end) - pos, DATA
-            pos = hole
+        return merge_extents(seek_extents(self.fd, offset, offset + length))
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
         return self.fd, offset
