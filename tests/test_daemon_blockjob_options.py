@@ -108,7 +108,7 @@ def test_copy_on_read_copies_up_and_releases_what_it_only_copied(start_daemon, w
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("job", ["mirror", "commit", "stream"])
-def test_cancelled_jobs_leave_the_graph_as_it_was(kind, job, start_daemon, workdir):
+def test_paused_resumed_and_cancelled_jobs_leave_the_graph_as_it_was(kind, job, start_daemon, workdir):
     _, _, top = three_layers(workdir, kind)
     target = workdir / f"{kind}-target.raw"
     with open(target, "wb") as f:
@@ -124,6 +124,11 @@ def test_cancelled_jobs_leave_the_graph_as_it_was(kind, job, start_daemon, workd
         daemon.ok("block-commit", device="top", **common)
     else:
         daemon.ok("block-stream", device="top", **common)
+    for verb, status in (("block-job-pause", "paused"), ("block-job-resume", "running")):
+        daemon.ok(verb, device="j")  # a job sleeping for its speed limit reacts at once
+        while daemon.wait_event("JOB_STATUS_CHANGE")["data"]["status"] != status:
+            pass
+        assert daemon.ok("query-block-jobs")[0]["status"] == status
     daemon.ok("block-job-cancel", device="j", force=True)
     daemon.wait_event("BLOCK_JOB_CANCELLED")
     after = daemon.ok("x-debug-query-block-graph")

@@ -94,6 +94,8 @@ class Job:
         self._complete_requested = asyncio.Event()
         self._rate_start = time.monotonic()
         self._rate_bytes = 0
+        self._rate_epoch = 0
+        self._wake = asyncio.Event()  # wakes a job sleeping for its speed limit
         self.task: asyncio.Task | None = None
         self.manager: JobManager | None = None
         self.concluded = asyncio.Event()
@@ -169,24 +171,22 @@ class Job:
     async def throttle(self, nbytes: int) -> None:
         """The speed limit: call before moving ``nbytes``; waits until the bytes already moved
         are within the rate. The first chunk goes at once, as in qemu; parallel workers share
-        the budget because each reserves its bytes before it starts."""
+        the budget because each reserves its bytes before it starts. A pause, a cancel or a new
+        speed wakes the wait at once, as qemu's job_enter does."""
         if not self.speed:
             return
-        due = self._rate_start + self._rate_bytes / self.speed
+        before, epoch = self._rate_bytes, self._rate_epoch
         self._rate_bytes += nbytes
-        delay = due - time.monotonic()
-        if delay > 0:
-            await self._sleep_or_wake(delay)
-
-    async def _sleep_or_wake(self, delay: float) -> None:
-        """Rate limiting: sleep, but wake early when cancelled (the rate itself is the point)."""
-        waker = asyncio.create_task(self._cancel_event().wait())
-        try:
-            await asyncio.wait([waker], timeout=delay)
-        finally:
-            waker.cancel()
-        if self.cancelled:
-            raise JobCancelled()
+        while self.speed and epoch == self._rate_epoch:
+            delay = self._rate_start + before / self.speed - time.monotonic()
+            if delay <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            await self.checkpoint()  # cancelled: raises; paused: waits here
 
     def _cancel_event(self) -> asyncio.Event:
         if not hasattr(self, "_cancel_evt"):
@@ -205,6 +205,7 @@ class Job:
         self.check_verb("pause")
         self._pause_count += 1
         self._resumed.clear()
+        self._wake.set()
         if self.status is JobStatus.CREATED:
             return
         # A job waiting between checkpoints (READY, mirror idle) shows the pause at once.
@@ -227,6 +228,8 @@ class Job:
             raise JobError("Parameter 'speed' expects a non-negative value")
         self.speed = speed
         self._rate_start, self._rate_bytes = time.monotonic(), 0
+        self._rate_epoch += 1
+        self._wake.set()
 
     def cancel(self, force: bool = False) -> None:
         """Cancel; on a READY job without ``force`` this means "complete without pivot" (mirror)."""
@@ -234,6 +237,7 @@ class Job:
         self.cancelled = True
         self.force_cancel = force or self.status not in (JobStatus.READY, JobStatus.STANDBY)
         self._cancel_event().set()
+        self._wake.set()
         self._resumed.set()
         self._complete_requested.set()
         if self.status is JobStatus.PENDING:
