@@ -267,6 +267,34 @@ class BlockGraph:
                 self._repoint(tran, link, new)
             self.refresh_perms(tran, [new, old])
 
+    def insert_filter(
+        self, tran: Transaction, filt: BlockNode, below: BlockNode, **others: BlockNode
+    ) -> ChildLink:
+        """Add ``filt`` (a job's filter) with ``below`` as its ``file`` and ``others`` as further
+        children, and move every user of ``below`` to it; all undone if ``tran`` aborts."""
+        self.add_node(filt)
+        tran.add(abort=lambda: self.nodes.pop(filt.node_name, None))
+        link = self.attach_child(filt, "file", below)
+        tran.add(abort=lambda: self.detach(link))
+        for name, child in others.items():
+            extra = self.attach_child(filt, name, child)
+            tran.add(abort=lambda lk=extra: self.detach(lk))
+        self.replace_node(below, filt, keep=[link], tran=tran)
+        return link
+
+    def remove_filter(self, filt: BlockNode, below: BlockNode) -> None:
+        """Undo :meth:`insert_filter`: users back to ``below`` (if any are left), filter gone."""
+        if filt.parents:
+            self.replace_node(filt, below)
+        for link in list(filt.children.values()):
+            self.detach(link)
+        self.nodes.pop(filt.node_name, None)
+
+    def detach_user(self, user: GraphUser) -> None:
+        """Drop every link of a root user (an export or a job going away)."""
+        for link in list(user.links):
+            self.detach(link)
+
     # -- freezing -------------------------------------------------------------------------------
 
     def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> list[ChildLink]:

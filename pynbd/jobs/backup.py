@@ -60,7 +60,6 @@ class BackupJob(Job):
         self.cbw = CopyBeforeWriteNode(filter_node_name or graph.auto_name())
         self.cbw.implicit = filter_node_name is None  # type: ignore[attr-defined]
         self.copy_set: DirtyBitmap | None = None
-        self._links = []
 
     # -- set-up (inside the QMP command or transaction) --------------------------------------------
 
@@ -69,16 +68,11 @@ class BackupJob(Job):
         if self.source.size != self.target.size:
             raise BlockError(errno.EINVAL, "Source and target must have the same size")
         graph = self.graph
-        graph.add_node(self.cbw)
-        tran.add(abort=lambda: graph.nodes.pop(self.cbw.node_name, None))
-        for name, child in (("file", self.source), ("target", self.target)):
-            link = graph.attach_child(self.cbw, name, child)
-            tran.add(abort=lambda lk=link: graph.detach(lk))
+        graph.insert_filter(tran, self.cbw, self.source, target=self.target)
         self.cbw.activate()
-        graph.replace_node(self.source, self.cbw, keep=[self.cbw.children["file"]], tran=tran)
         for node in (self.cbw, self.target):
             graph.attach_user(self.user, node, Perm(0), ALL)
-        tran.add(abort=self._drop_users)
+        tran.add(abort=lambda: graph.detach_user(self.user))
         if any(n is self.source for n in descendants(self.target)):  # fleecing: target reads through
             self.target.tracker = RequestTracker()
             tran.add(abort=lambda: setattr(self.target, "tracker", None))
@@ -93,10 +87,6 @@ class BackupJob(Job):
             copy_set.merge(self.bitmap.bitmap)
         self.cbw.access = copy_set
         self.copy_set = copy_set
-
-    def _drop_users(self) -> None:
-        for link in list(self.user.links):
-            self.graph.detach(link)
 
     # -- work -----------------------------------------------------------------------------------
 
@@ -155,12 +145,8 @@ class BackupJob(Job):
         if self.bitmap is not None and self.bitmap.successor is not None:
             self._reclaim()
         self.target.tracker = None
-        self._drop_users()
-        if self.cbw.parents:
-            self.graph.replace_node(self.cbw, self.source)
-        for link in list(self.cbw.children.values()):
-            self.graph.detach(link)
-        self.graph.nodes.pop(self.cbw.node_name, None)
+        self.graph.detach_user(self.user)
+        self.graph.remove_filter(self.cbw, self.source)
         try:
             await self.target.flush()
         except (BlockError, OSError) as exc:

@@ -96,8 +96,7 @@ class CommitJob(Job):
         if self.frozen:
             self.graph.unfreeze_links(self.frozen)
             self.frozen = []
-        for link in list(self.user.links):
-            self.graph.detach(link)
+        self.graph.detach_user(self.user)
         if self.reopened:
             await restore(self.graph, self.reopened, True)
 

@@ -61,25 +61,17 @@ class MirrorJob(Job):
         graph = self.graph
         if self.base is None and self.source.size != self.target.size:
             raise BlockError(errno.EINVAL, "Source and target image have different sizes")
-        graph.add_node(self.top)
-        tran.add(abort=lambda: graph.nodes.pop(self.top.node_name, None))
-        link = graph.attach_child(self.top, "file", self.source)
-        tran.add(abort=lambda: graph.detach(link))
+        graph.insert_filter(tran, self.top, self.source)
         self.top.activate(self.target)
-        graph.replace_node(self.source, self.top, keep=[link], tran=tran)
         graph.attach_user(self.user, self.top, Perm(0), ALL)
         shared = Perm.WRITE_UNCHANGED
         if self.base is not None:
             shared |= Perm.CONSISTENT_READ | Perm.WRITE
         graph.attach_user(self.user, self.target, Perm.WRITE, shared)
-        tran.add(abort=self._drop_users)
+        tran.add(abort=lambda: graph.detach_user(self.user))
         if self.base is not None:
             self.frozen = graph.freeze_chain(self.source, self.base)
             tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
-
-    def _drop_users(self) -> None:
-        for link in list(self.user.links):
-            self.graph.detach(link)
 
     # -- work -----------------------------------------------------------------------------------
 
@@ -157,7 +149,7 @@ class MirrorJob(Job):
             return
         self.graph.unfreeze_links(self.frozen)
         self.frozen = []
-        self._drop_users()
+        self.graph.detach_user(self.user)
         self.graph.replace_node(self.top, self.target)
         self.pivoted = True
 
@@ -165,12 +157,8 @@ class MirrorJob(Job):
         if self.frozen:
             self.graph.unfreeze_links(self.frozen)
             self.frozen = []
-        self._drop_users()
-        if self.top.parents:
-            self.graph.replace_node(self.top, self.source)
-        for link in list(self.top.children.values()):
-            self.graph.detach(link)
-        self.graph.nodes.pop(self.top.node_name, None)
+        self.graph.detach_user(self.user)
+        self.graph.remove_filter(self.top, self.source)
 
 
 __all__ = ["MirrorJob", "JobStatus"]

@@ -48,15 +48,11 @@ class StreamJob(Job):
 
     def install(self, tran) -> None:
         graph = self.graph
-        graph.add_node(self.cor)
-        tran.add(abort=lambda: graph.nodes.pop(self.cor.node_name, None))
-        link = graph.attach_child(self.cor, "file", self.top)
-        tran.add(abort=lambda: graph.detach(link))
-        graph.replace_node(self.top, self.cor, keep=[link], tran=tran)
+        graph.insert_filter(tran, self.cor, self.top)
         graph.attach_user(
             self.user, self.cor, Perm.CONSISTENT_READ, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
         )
-        tran.add(abort=lambda: [graph.detach(lk) for lk in list(self.user.links)])
+        tran.add(abort=lambda: graph.detach_user(self.user))
         self.frozen = graph.freeze_chain(self.top, self.base)
         tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
 
@@ -85,10 +81,5 @@ class StreamJob(Job):
         if self.frozen:
             self.graph.unfreeze_links(self.frozen)
             self.frozen = []
-        for link in list(self.user.links):
-            self.graph.detach(link)
-        if self.cor.parents:
-            self.graph.replace_node(self.cor, self.top)
-        for link in list(self.cor.children.values()):
-            self.graph.detach(link)
-        self.graph.nodes.pop(self.cor.node_name, None)
+        self.graph.detach_user(self.user)
+        self.graph.remove_filter(self.cor, self.top)
