@@ -226,11 +226,12 @@ def nbd_block_status(h, offset: int = 0, length: int | None = None, req_one: boo
     return merge_abs_extents(out)
 
 
-def nbdinfo_map(uri: str, *extra: str) -> list[AbsExtent]:
-    """``nbdinfo --map --json`` as merged extents."""
+def nbdinfo_map(uri: str, *extra: str, context: str | None = None) -> list[AbsExtent]:
+    """``nbdinfo --map[=CONTEXT] --json`` as merged (offset, length, type) extents."""
     import json
 
-    entries = json.loads(run(["nbdinfo", "--map", "--json", *extra, uri]).stdout)
+    option = f"--map={context}" if context else "--map"
+    entries = json.loads(run(["nbdinfo", option, "--json", *extra, uri]).stdout)
     return merge_abs_extents((e["offset"], e["length"], e["type"]) for e in entries)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from pynbd.client import NBDError, OptionError, connect, connect_pool, parse_uri
 from pynbd.client.sync import connect as sync_connect
 from pynbd.protocol.constants import BASE_ALLOCATION
-from tests.peers import have, run
+from tests.peers import have, nbdinfo_map, run
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(120)
@@ -34,18 +33,6 @@ def make_sparse_image(path: Path, size: int, pieces: dict[int, bytes]) -> bytes:
             f.write(data)
             content[offset : offset + len(data)] = data
     return bytes(content)
-
-
-def nbdinfo_map(uri: str, context: str = BASE_ALLOCATION) -> list[tuple[int, int, int]]:
-    """nbdinfo --map as (offset, length, type), adjacent equal types merged."""
-    out = json.loads(run(["nbdinfo", "--json", f"--map={context}", uri]).stdout)
-    merged: list[tuple[int, int, int]] = []
-    for e in out:
-        if merged and merged[-1][2] == e["type"] and merged[-1][0] + merged[-1][1] == e["offset"]:
-            merged[-1] = (merged[-1][0], merged[-1][1] + e["length"], e["type"])
-        else:
-            merged.append((e["offset"], e["length"], e["type"]))
-    return merged
 
 
 def as_tuples(extents) -> list[tuple[int, int, int]]:
@@ -210,7 +197,7 @@ def test_qemu_nbd_contexts_holes_and_bitmaps(start_qemu_nbd, qcow2_with_bitmap, 
     assert data == raw.read_bytes()
     assert maps == again
     for context in (BASE_ALLOCATION, bitmap, depth):
-        assert as_tuples(maps[context]) == nbdinfo_map(server.uri, context), context
+        assert as_tuples(maps[context]) == nbdinfo_map(server.uri, context=context), context
     dirty = [(e.offset, e.length) for e in maps[bitmap] if e.flags & 1]
     assert dirty == [(4 * MiB, 64 * 1024), (8 * MiB, 128 * 1024)]
 

@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 
 from pynbd.nodes.open import open_image
-from tests.peers import PYNBD, have, run
+from tests.peers import PYNBD, have, nbdinfo_map, run
 
 pytestmark = pytest.mark.skipif(not (have("qemu-img") and have("nbdinfo")), reason="needs qemu-img and nbdinfo")
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-
-
-def nbd_map(uri: str, context: str) -> list[tuple[int, int, int]]:
-    """Merged (offset, length, type) extents of one context, from nbdinfo."""
-    entries = json.loads(run(["nbdinfo", f"--map={context}", "--json", uri]).stdout)
-    merged: list[tuple[int, int, int]] = []
-    for e in entries:
-        if merged and merged[-1][2] == e["type"] and merged[-1][0] + merged[-1][1] == e["offset"]:
-            merged[-1] = (merged[-1][0], merged[-1][1] + e["length"], e["type"])
-        else:
-            merged.append((e["offset"], e["length"], e["type"]))
-    return merged
 
 
 def dirty_extents(clusters: set[int], granularity: int, size: int) -> list[tuple[int, int, int]]:
@@ -82,11 +70,11 @@ def test_qemu_bitmaps_read_identically(workdir: Path, start_qemu_nbd, start_pynb
     qemu = start_qemu_nbd("-r", "-f", "qcow2", "-B", "live", "-B", "fine", str(path))
     ours = start_pynbd("-r", "-B", "live", "-B", "fine", str(path))
     for name in ("live", "fine"):
-        expected = nbd_map(qemu.uri, f"qemu:dirty-bitmap:{name}")
-        assert nbd_map(ours.uri, f"qemu:dirty-bitmap:{name}") == expected
+        expected = nbdinfo_map(qemu.uri, context=f"qemu:dirty-bitmap:{name}")
+        assert nbdinfo_map(ours.uri, context=f"qemu:dirty-bitmap:{name}") == expected
         loaded, _ = pynbd_bitmap_extents(path, name)
         assert loaded == expected
-    live = nbd_map(qemu.uri, "qemu:dirty-bitmap:live")
+    live = nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:live")
     assert any(t == 1 for _, _, t in live)
     fine, enabled = pynbd_bitmap_extents(path, "fine")
     assert not enabled
@@ -95,7 +83,7 @@ def test_qemu_bitmaps_read_identically(workdir: Path, start_qemu_nbd, start_pynb
                          touched(20 * MiB, MiB, 4096), 4096, SIZE) == fine  # fmt: skip
     # the other contexts agree too
     for context in ("base:allocation",):
-        assert nbd_map(ours.uri, context) == nbd_map(qemu.uri, context)
+        assert nbdinfo_map(ours.uri, context=context) == nbdinfo_map(qemu.uri, context=context)
 
 
 def test_pynbd_bitmaps_seen_by_qemu(workdir: Path, start_qemu_nbd) -> None:
@@ -135,9 +123,9 @@ def test_pynbd_bitmaps_seen_by_qemu(workdir: Path, start_qemu_nbd) -> None:
         {"flags": [], "name": "off", "granularity": 65536},
     ]
     qemu = start_qemu_nbd("-r", "-f", "qcow2", "-B", "a", "-B", "b", "-B", "off", str(path))
-    assert nbd_map(qemu.uri, "qemu:dirty-bitmap:a") == dirty_extents(expected_a, 65536, SIZE)
-    assert nbd_map(qemu.uri, "qemu:dirty-bitmap:b") == dirty_extents(expected_b, 8192, SIZE)
-    assert nbd_map(qemu.uri, "qemu:dirty-bitmap:off") == [(0, SIZE, 0)]
+    assert nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:a") == dirty_extents(expected_a, 65536, SIZE)
+    assert nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:b") == dirty_extents(expected_b, 8192, SIZE)
+    assert nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:off") == [(0, SIZE, 0)]
 
 
 def test_bitmap_commands_match_qemu(workdir: Path) -> None:
@@ -192,4 +180,4 @@ def test_in_use_bitmap_is_fully_dirty(workdir: Path, start_qemu_nbd) -> None:
     assert qemu_info_bitmaps(path)[0]["flags"] == ["auto"]
     assert run(["qemu-img", "check", str(path)], check=False).returncode == 0
     qemu = start_qemu_nbd("-r", "-f", "qcow2", "-B", "b", str(path))
-    assert nbd_map(qemu.uri, "qemu:dirty-bitmap:b") == [(0, SIZE, 1)]
+    assert nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:b") == [(0, SIZE, 1)]

@@ -12,23 +12,12 @@ from pathlib import Path
 import pytest
 
 from pynbd.nodes.open import open_image
-from tests.peers import PYNBD, have, read_all, run
+from tests.peers import PYNBD, have, nbdinfo_map, read_all, run
 
 nbd = pytest.importorskip("nbd")
 pytestmark = pytest.mark.skipif(not (have("qemu-img") and have("nbdinfo")), reason="needs qemu-img and nbdinfo")
 
 MiB = 1 << 20
-
-
-def nbd_map(uri: str, context: str) -> list[tuple[int, int, int]]:
-    entries = json.loads(run(["nbdinfo", f"--map={context}", "--json", uri]).stdout)
-    merged: list[tuple[int, int, int]] = []
-    for e in entries:
-        if merged and merged[-1][2] == e["type"] and merged[-1][0] + merged[-1][1] == e["offset"]:
-            merged[-1] = (merged[-1][0], merged[-1][1] + e["length"], e["type"])
-        else:
-            merged.append((e["offset"], e["length"], e["type"]))
-    return merged
 
 
 def connect(uri: str, *contexts: str):
@@ -51,7 +40,7 @@ def test_serve_qcow2_chain_matches_qemu_nbd(workdir: Path, start_pynbd, start_qe
     qemu = start_qemu_nbd("-r", "-f", "qcow2", "-A", "-B", "changes", str(top))
     ours = start_pynbd("-r", "-A", "-B", "changes", str(top))
     for context in ("base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:changes"):
-        assert nbd_map(ours.uri, context) == nbd_map(qemu.uri, context), context
+        assert nbdinfo_map(ours.uri, context=context) == nbdinfo_map(qemu.uri, context=context), context
     a, b = connect(ours.uri), connect(qemu.uri)
     try:
         assert read_all(a) == read_all(b)
@@ -86,7 +75,7 @@ def test_serve_marks_bitmap_and_saves_it_on_shutdown(workdir: Path, start_pynbd,
     assert info["format-specific"]["data"]["bitmaps"] == [{"flags": ["auto"], "name": "b", "granularity": 65536}]
     assert run(["qemu-img", "check", str(path)], check=False).returncode == 0
     qemu = start_qemu_nbd("-r", "-f", "qcow2", "-B", "b", str(path))
-    assert nbd_map(qemu.uri, "qemu:dirty-bitmap:b") == [
+    assert nbdinfo_map(qemu.uri, context="qemu:dirty-bitmap:b") == [
         (0, 65536, 0),
         (65536, 14 * 65536, 1),
         (15 * 65536, size - 15 * 65536, 0),
