@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pynbd.graph.core import ChildLink, GraphUser
+from pynbd.graph.perms import ALL, Perm, Role
 from pynbd.nodes.open import open_image
 from tests.peers import PYNBD, have, nbdinfo_map, run
 
@@ -100,16 +102,17 @@ def test_pynbd_bitmaps_seen_by_qemu(workdir: Path, start_qemu_nbd) -> None:
 
     async def workload():
         node = await open_image(str(path))
+        disk = ChildLink(GraphUser("test"), "test", node, Role(0), Perm.CONSISTENT_READ | Perm.WRITE, ALL)
         for _ in range(120):
             offset = rng.randrange(0, SIZE - 1)
             length = rng.randrange(1, min(200_000, SIZE - offset) + 1)
             kind = rng.random()
             if kind < 0.7:
-                await node.write(offset, rng.randbytes(length))
+                await disk.write(offset, rng.randbytes(length))
             elif kind < 0.85:
-                await node.write_zeroes(offset, length)
+                await disk.write_zeroes(offset, length)
             else:
-                await node.discard(offset, length)
+                await disk.discard(offset, length)
             expected_a.update(touched(offset, length, 65536))
             expected_b.update(touched(offset, length, 8192))
         await node.close()

@@ -12,6 +12,8 @@ import socket
 import sys
 
 from pynbd.cli.pidfile import pid_file
+from pynbd.graph.core import ChildLink, GraphUser
+from pynbd.graph.perms import ALL, Perm, Role
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.memory import MemoryNode
 from pynbd.nodes.open import FORMATS, open_image
@@ -112,6 +114,11 @@ async def serve(args: argparse.Namespace) -> int:
     node = await open_node(args)
     try:
         export = Export(args.export_name, node, description=args.description, read_only=args.read_only)
+        # requests go through a link, so the request gate marks bitmaps and tracks them (not yet
+        # attached in a graph: serve takes no permissions or locks until it opens through one)
+        user = GraphUser(args.export_name, "block-backend", f"export {args.export_name!r}")
+        perm = Perm.CONSISTENT_READ if export.read_only else Perm.CONSISTENT_READ | Perm.WRITE
+        export.link = ChildLink(user, user.name, node, Role(0), perm, ALL & ~Perm.RESIZE)
         add_contexts(export, node, args)
     except BaseException:
         await node.close()

@@ -121,17 +121,9 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
 async def _reopen_base_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
     """Active commit writes the base (read-only as a backing file): reopen it read-write now and,
     if the job does not pivot to it, read-only again when it ends."""
-    from pynbd.graph.reopen import restore, set_read_only
+    from pynbd.graph.reopen import set_read_only
 
-    changed = await set_read_only(daemon.graph, base, False)
-    clean = job.clean
-
-    async def clean_and_restore() -> None:
-        await clean()
-        if not job.pivoted and changed:
-            await restore(daemon.graph, changed, True)
-
-    job.clean = clean_and_restore  # type: ignore[method-assign]
+    job.reopened = await set_read_only(daemon.graph, base, False)
 
 
 @command(

@@ -14,6 +14,7 @@ from typing import Any
 
 from pynbd.daemon.registry import COMMANDS
 from pynbd.graph.core import BlockGraph, GraphError
+from pynbd.graph.io import drained
 from pynbd.jobs.core import JobError, JobManager
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.qmp.protocol import QMPError
@@ -65,7 +66,11 @@ class Daemon:
         elif not isinstance(args, dict):
             raise QMPError("Invalid parameter type for 'arguments', expected: object")
         try:
-            result = await cmd.handler(self, args)
+            if cmd.drained:
+                async with drained(self.graph.nodes.values()):
+                    result = await cmd.handler(self, args)
+            else:
+                result = await cmd.handler(self, args)
         except QMPError:
             raise
         except (GraphError, BlockError, JobError) as exc:

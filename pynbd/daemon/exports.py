@@ -16,6 +16,7 @@ from pynbd.daemon.core import Daemon
 from pynbd.daemon.objects import tls_server_context
 from pynbd.daemon.registry import command
 from pynbd.graph.core import ChildLink, GraphUser
+from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.protocol.negotiation import TLSMode
 from pynbd.qmp.protocol import QMPError
@@ -189,7 +190,8 @@ async def remove_export(daemon: Daemon, export_id: str, hard: bool = False, emit
     daemon.registry.remove(entry.export.name)
     if server is not None:
         await server.close_export(entry.export)
-    daemon.graph.detach(entry.link)
+    async with drained([entry.link.node]):
+        daemon.graph.detach(entry.link)
     for bitmap in entry.bitmaps:
         _set_busy(bitmap, -1)
     del daemon.exports[export_id]

@@ -93,3 +93,6 @@ async def blockdev_reopen(daemon: Daemon, args: dict) -> None:
         for member, old in reversed(reopened):
             await member.reopen(old)
         raise
+    for member, was_read_only in reversed(reopened):
+        if was_read_only:
+            await member.start_writing()

@@ -53,7 +53,7 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
     node.node_name = options.get("node-name") or daemon.graph.auto_name()
     try:
         daemon.graph.attach_child(node, "file", file)  # permissions and locks first ...
-        await node.activate()  # ... and only then the writes of a read-write open
+        await node.start_writing()  # ... and only then the writes of a read-write open
         if "backing" not in options:
             backing = await _open_backing_chain(daemon, header, node_filename(file), created)
         elif options["backing"] is None:

@@ -27,6 +27,26 @@ class Command:
     name: str
     spec: Spec | None  # None: the handler checks its own arguments (flat unions)
     handler: Handler
+    #: runs with the whole graph drained (pynbd.graph.io.drained): it edits the graph
+    drained: bool = False
+
+
+#: The commands that change the graph, besides the transaction actions' own commands. They run
+#: drained: no request is in flight anywhere while they edit, and exports' new requests wait.
+#: (block-export-del drains itself, after its clients are gone: they may have requests queued.
+#: blockdev-add and block-export-add only give existing nodes new parents, which moves no request
+#: in flight, so they do not stop the graph while they open files or connect to remote servers.)
+GRAPH_COMMANDS = frozenset(
+    {
+        "blockdev-del",
+        "blockdev-reopen",
+        "transaction",
+        "block-commit",
+        "block-stream",
+        "blockdev-mirror",
+        "x-copy-on-read-release",
+    }
+)
 
 
 @dataclass
@@ -42,7 +62,7 @@ ACTIONS: dict[str, Action] = {}
 
 def command(name: str, spec: Spec | None = None):
     def register(handler: Handler) -> Handler:
-        COMMANDS[name] = Command(name, spec, handler)
+        COMMANDS[name] = Command(name, spec, handler, drained=name in GRAPH_COMMANDS)
         return handler
 
     return register
@@ -73,4 +93,4 @@ def command_from_action(name: str) -> None:
         if follow_up is not None:
             await follow_up()
 
-    COMMANDS[name] = Command(name, entry.spec, run)
+    COMMANDS[name] = Command(name, entry.spec, run, drained=True)

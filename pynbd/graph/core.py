@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
+from pynbd.graph.io import RequestGate, busy_section
 from pynbd.graph.perms import ALL, NONE, Perm, Role
 from pynbd.graph.transaction import Transaction
 from pynbd.nodes.base import BlockNode
@@ -39,13 +40,32 @@ class GraphUser:
         self.kind = kind  # as x-debug-query-block-graph names it: block-backend, block-job
         self.description = description or f"{kind} {name!r}"
         self.links: list[ChildLink] = []
+        # Exports' requests wait at the gate while their node is drained. A job's do not (as
+        # qemu's job BlockBackends, which disable request queuing): a job is held off by drains at
+        # its busy() sections instead, and a guest request in flight may use the job's link (the
+        # mirror filter's write-blocking writes to the target) without waiting for a drain that
+        # waits for that very request.
+        self.queues_requests = kind != "block-job"
 
     def __repr__(self) -> str:
         return f"GraphUser({self.name!r})"
 
+    def link(self, node: BlockNode) -> ChildLink:
+        """This user's link to ``node`` (its requests to that node go through it)."""
+        for link in self.links:
+            if link.node is node:
+                return link
+        raise GraphError(f"{self.description} does not use node {node.node_name!r}")
 
-class ChildLink:
-    """An edge from a parent (node or root user) to a child node."""
+    def busy(self):
+        """A section of work that drains wait for as a whole (pynbd.graph.io.busy_section)."""
+        return busy_section(self)
+
+
+class ChildLink(RequestGate):
+    """An edge from a parent (node or root user) to a child node, and the way requests reach
+    the child: ``link.read_into(...)``, ``link.write(...)`` and the rest of the node interface
+    go through the request gate (pynbd/graph/io.py), never to the driver directly."""
 
     def __init__(
         self, parent: BlockNode | GraphUser, name: str, node: BlockNode, role: Role, perm: Perm, shared: Perm
@@ -57,6 +77,7 @@ class ChildLink:
         self.perm = perm
         self.shared = shared
         self.freeze_count = 0
+        self.queues = isinstance(parent, GraphUser) and parent.queues_requests
 
     @property
     def is_root(self) -> bool:
@@ -302,8 +323,20 @@ class BlockGraph:
         the same link (a counter, not a flag). Returns the links for :meth:`unfreeze_links`."""
         links = chain_links(top, base)
         for link in links:
+            self.check_freezable(link)
+        for link in links:
             link.freeze()
         return links
+
+    @staticmethod
+    def check_freezable(link: ChildLink, job_id: str | None = None) -> None:
+        """Refuse to freeze a link of another job's filter: that job must be able to remove it."""
+        for node in (link.node, None if link.is_root else link.parent):
+            owner = node.owner_job if node is not None else None
+            if owner is not None and owner != job_id:
+                raise FrozenLinkError(
+                    f"Cannot freeze link {link.describe()}: node '{node.node_name}' is the filter of job '{owner}'"
+                )
 
     @staticmethod
     def unfreeze_links(links: Iterable[ChildLink]) -> None:

@@ -10,6 +10,7 @@ passes through a state that allows what neither side allows.
 from __future__ import annotations
 
 from pynbd.graph.core import BlockGraph
+from pynbd.graph.io import drained
 from pynbd.graph.transaction import Transaction
 from pynbd.nodes.base import BlockNode
 
@@ -23,20 +24,27 @@ def storage_chain(node: BlockNode) -> list[BlockNode]:
 
 
 async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> list[BlockNode]:
-    """Reopen ``node`` and its storage read-only or read-write; returns the nodes that changed."""
+    """Reopen ``node`` and its storage read-only or read-write, drained; returns the nodes that
+    changed. Read-write: the file first, then the format, then the permissions and locks, and
+    only then the format's first writes (start_writing). Read-only: the format first."""
     changed = [n for n in storage_chain(node) if n.read_only != read_only]
-    # read-write: the file first, so the format can write its metadata; read-only: the format first
-    for n in reversed(changed) if not read_only else changed:
-        await n.reopen(read_only)
-    with Transaction() as tran:
-        graph.refresh_perms(tran, [node])
+    await _reopen(graph, changed, read_only)
     return changed
 
 
 async def restore(graph: BlockGraph, nodes: list[BlockNode], read_only: bool) -> None:
     """Undo :func:`set_read_only` for the nodes it changed."""
-    for n in nodes if read_only else reversed(nodes):
-        await n.reopen(read_only)
-    if nodes:
+    await _reopen(graph, nodes, read_only)
+
+
+async def _reopen(graph: BlockGraph, nodes: list[BlockNode], read_only: bool) -> None:
+    if not nodes:
+        return
+    async with drained(nodes):
+        for n in nodes if read_only else reversed(nodes):
+            await n.reopen(read_only)
         with Transaction() as tran:
             graph.refresh_perms(tran, [nodes[0]])
+        if not read_only:
+            for n in reversed(nodes):
+                await n.start_writing()

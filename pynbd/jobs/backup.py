@@ -15,13 +15,13 @@ import errno
 import logging
 
 from pynbd.bitmap import DirtyBitmap, NodeBitmap
-from pynbd.graph.core import BlockGraph, GraphUser, descendants
+from pynbd.graph.core import BlockGraph, GraphUser
+from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.jobs.copy import CopyEngine
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.cbw import CopyBeforeWriteNode
-from pynbd.nodes.tracking import RequestTracker
 
 log = logging.getLogger("pynbd.backup")
 
@@ -59,6 +59,7 @@ class BackupJob(Job):
         self.users = [self.user]
         self.cbw = CopyBeforeWriteNode(filter_node_name or graph.auto_name())
         self.cbw.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.cbw.owner_job = job_id
         self.copy_set: DirtyBitmap | None = None
 
     # -- set-up (inside the QMP command or transaction) --------------------------------------------
@@ -73,9 +74,6 @@ class BackupJob(Job):
         for node in (self.cbw, self.target):
             graph.attach_user(self.user, node, Perm(0), ALL)
         tran.add(abort=lambda: graph.detach_user(self.user))
-        if any(n is self.source for n in descendants(self.target)):  # fleecing: target reads through
-            self.target.tracker = RequestTracker()
-            tran.add(abort=lambda: setattr(self.target, "tracker", None))
         if self.bitmap is not None:
             self.bitmap.successor = DirtyBitmap(self.bitmap.bitmap.size, self.bitmap.granularity)
             tran.add(abort=lambda: setattr(self.bitmap, "successor", None))
@@ -107,7 +105,9 @@ class BackupJob(Job):
     async def _drop_unallocated(self) -> None:
         """sync=top: only clusters allocated in the source's own layer."""
         offset = 0
-        for length, depth in await self.source.allocation_depth(0, self.source.size):
+        async with self.user.busy():
+            extents = await self.cbw.file.allocation_depth(0, self.cbw.size)
+        for length, depth in extents:
             if depth != 1:
                 self.copy_set.reset_range(offset, length)
             offset += length
@@ -144,10 +144,10 @@ class BackupJob(Job):
     async def clean(self) -> None:
         if self.bitmap is not None and self.bitmap.successor is not None:
             self._reclaim()
-        self.target.tracker = None
-        self.graph.detach_user(self.user)
-        self.graph.remove_filter(self.cbw, self.source)
-        try:
-            await self.target.flush()
-        except (BlockError, OSError) as exc:
-            log.warning("backup %s: flushing the target failed: %s", self.id, exc)
+        async with drained([self.cbw, self.target], owner=self.user):
+            try:
+                await self.cbw.target.flush()
+            except (BlockError, OSError) as exc:
+                log.warning("backup %s: flushing the target failed: %s", self.id, exc)
+            self.graph.detach_user(self.user)
+            self.graph.remove_filter(self.cbw, self.source)

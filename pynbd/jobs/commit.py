@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
-from pynbd.graph.perms import Perm
+from pynbd.graph.io import drained
+from pynbd.graph.perms import ALL, Perm
 from pynbd.graph.reopen import restore, set_read_only
 from pynbd.jobs.copy import CopyEngine, copy_chunk
 from pynbd.jobs.core import Job
@@ -57,51 +58,63 @@ class CommitJob(Job):
         for link in self.frozen:
             link.freeze()
         tran.add(abort=lambda: self.graph.unfreeze_links(self.frozen))
+        self.reader = self.graph.attach_user(self.user, self.top, Perm(0), ALL)
+        tran.add(abort=lambda: self.graph.detach_user(self.user))
 
     async def work(self) -> None:
         self.reopened = await set_read_only(self.graph, self.base, False)
         perm = Perm.CONSISTENT_READ | Perm.WRITE
-        self.graph.attach_user(self.user, self.base, perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED)
+        async with drained([self.base], owner=self.user):
+            self.writer = self.graph.attach_user(
+                self.user, self.base, perm, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+            )
         ranges, offset = [], 0
-        for length, depth in await self.top.allocation_depth(0, self.top.size):
+        async with self.user.busy():
+            extents = await self.reader.allocation_depth(0, self.reader.size)
+        for length, depth in extents:
             if 1 <= depth <= self.layers:
                 ranges.append((offset, length))
             offset += length
         self.total_progress = sum(length for _, length in ranges)
         engine = CopyEngine(self, self._copy, self.on_error, self.on_error)
         await engine.run(ranges)
-        await self.base.flush()
+        async with self.user.busy():
+            await self.writer.flush()
         self.committed = ranges
 
     async def _copy(self, offset: int, length: int) -> None:
-        await copy_chunk(self.top, self.base, offset, length)
+        await copy_chunk(self.reader, self.writer, offset, length)
 
     async def prepare(self) -> None:
+        async with drained([self.overlay_link.parent, self.base], owner=self.user):
+            self._pivot()
+        await record_backing(self.overlay_link.parent, self.base, self.backing_file)
+        if self.discard_committed:
+            await self._discard_committed()
+
+    def _pivot(self) -> None:
         self.graph.unfreeze_links(self.frozen)
         self.frozen = []
-        dropped = [link.parent for link in chain_links(self.top, self.base)]  # top .. just above base
-        overlay = self.overlay_link.parent
+        self.dropped = [link.parent for link in chain_links(self.top, self.base)]  # top .. above base
         self.graph.replace_child(self.overlay_link, self.base)
-        await record_backing(overlay, self.base, self.backing_file)
-        if self.discard_committed:
-            # unallocate, not discard: the data now lives in the base, so reads through these
-            # layers (if anything still opens them) must fall through to it, not read zeroes
-            for node in dropped:
-                unallocate = getattr(node, "unallocate", None)
-                if unallocate is not None and not node.read_only:
-                    for offset, length in self.committed:
-                        await unallocate(offset, length)
+
+    async def _discard_committed(self) -> None:
+        # unallocate, not discard: the data now lives in the base, so reads through these
+        # layers (if anything still opens them) must fall through to it, not read zeroes
+        for node in self.dropped:
+            unallocate = getattr(node, "unallocate", None)
+            if unallocate is not None and not node.read_only:
+                for offset, length in self.committed:
+                    await unallocate(offset, length)
 
     async def clean(self) -> None:
-        if self.frozen:
-            self.graph.unfreeze_links(self.frozen)
-            self.frozen = []
-        self.graph.detach_user(self.user)
+        async with drained([self.top, self.base], owner=self.user):
+            if self.frozen:
+                self.graph.unfreeze_links(self.frozen)
+                self.frozen = []
+            self.graph.detach_user(self.user)
         if self.reopened:
             await restore(self.graph, self.reopened, True)
-
-
-
 
 
 async def record_backing(node: BlockNode, backing: BlockNode | None, name: str | None = None) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
-from pynbd.nodes.base import BACKGROUND_IO, BlockError, BlockNode
+from pynbd.nodes.base import BACKGROUND_IO, BlockError
 from pynbd.priority import foreground
 from pynbd.protocol.constants import State
 
@@ -30,10 +31,13 @@ class CopyError(BlockError):
         self.operation = operation
 
 
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
+
 Staged = list[tuple[int, int, bytearray | None]]  # (offset, length, data or None for zeroes)
 
 
-async def read_chunk(source: BlockNode, offset: int, length: int) -> Staged:
+async def read_chunk(source: ChildLink, offset: int, length: int) -> Staged:
     """Read a range as the pieces to write: data buffers, and zero ranges as ``None``."""
     staged: Staged = []
     pos, end = offset, offset + length
@@ -53,7 +57,7 @@ async def read_chunk(source: BlockNode, offset: int, length: int) -> Staged:
 
 
 async def write_chunk(
-    target: BlockNode, staged: Staged, *, serialising: bool = False, target_is_zero: bool = False
+    target: ChildLink, staged: Staged, *, serialising: bool = False, target_is_zero: bool = False
 ) -> None:
     try:
         for pos, piece, buf in staged:
@@ -69,8 +73,8 @@ async def write_chunk(
 
 
 async def copy_chunk(
-    source: BlockNode,
-    target: BlockNode,
+    source: ChildLink,
+    target: ChildLink,
     offset: int,
     length: int,
     *,
@@ -86,16 +90,23 @@ async def copy_chunk(
 
 
 class CopyEngine:
-    """Runs a job's copies: ``copy`` is the per-chunk operation (default :func:`copy_chunk`)."""
+    """Runs a job's copies: ``copy`` is the per-chunk operation (default :func:`copy_chunk`).
+
+    Each attempt at a chunk runs in the job's ``busy()`` section (pynbd/graph/io.py): a drain
+    waits for chunks under way and holds off new ones, and never catches a chunk half-way. Pause
+    points, the speed limit, the wait for clients and error stops all lie outside the section,
+    so a paused or stopped job never holds up a drain. With ``yield_to_clients`` each chunk first
+    waits its turn behind client requests (pynbd.priority)."""
 
     def __init__(
         self,
         job,
-        copy: Callable[[int, int], object],
+        copy: Callable[[int, int], Awaitable[object]],
         on_source_error: str = "report",
         on_target_error: str = "report",
         chunk: int = DEFAULT_CHUNK,
         workers: int = DEFAULT_WORKERS,
+        yield_to_clients: bool = True,
     ) -> None:
         self.job = job
         self.copy = copy
@@ -103,6 +114,7 @@ class CopyEngine:
         self.on_target_error = on_target_error
         self.chunk = chunk
         self.workers = workers
+        self.yield_to_clients = yield_to_clients
 
     @staticmethod
     def chunks(ranges: Iterable[tuple[int, int]], chunk: int):
@@ -123,7 +135,8 @@ class CopyEngine:
                 try:
                     await self.job.checkpoint()
                     await self.job.throttle(length)
-                    await foreground.wait_turn()
+                    if self.yield_to_clients:
+                        await foreground.wait_turn()
                     await self.copy_with_policy(offset, length)
                     self.job.current_progress += length
                 except BaseException as exc:
@@ -138,7 +151,8 @@ class CopyEngine:
         job = self.job
         while True:
             try:
-                await self.copy(offset, length)
+                async with job.user.busy():
+                    await self.copy(offset, length)
                 return
             except CopyError as exc:
                 policy = self.on_source_error if exc.operation == "read" else self.on_target_error

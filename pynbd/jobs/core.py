@@ -13,8 +13,12 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 log = logging.getLogger("pynbd.jobs")
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import GraphUser
 
 
 class JobStatus(enum.Enum):
@@ -73,6 +77,8 @@ class Job:
 
     job_type = "none"  # QMP JobType: create, backup, commit, stream, mirror, ...
     is_block_job = True  # listed by query-block-jobs (blockdev-create's job is not)
+    #: the graph user block jobs make their requests as (copy jobs set it; see jobs/copy.py)
+    user: GraphUser
 
     def __init__(self, job_id: str, auto_finalize: bool = True, auto_dismiss: bool = True, speed: int = 0) -> None:
         self.id = job_id

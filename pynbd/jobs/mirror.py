@@ -2,9 +2,16 @@
 
 Both copy a source to a target while the source keeps being written: a ``mirror_top`` filter
 marks what guests write, the job copies what is dirty until nothing is, reports ``ready``, keeps
-the target in step, and on ``complete`` switches to write-blocking, copies the last dirty chunks
-and pivots every user of the source to the target. Active commit is the same with the target
-being the source's own base, and the chain between them frozen for the job's lifetime.
+the target in step, and on ``complete`` switches to write-blocking (every new guest write reaches
+both sides before it is acknowledged). The pivot itself runs **drained**: guest writes that were
+already inside the filter finish (and mark their ranges) before the last dirty ranges are copied
+and every user of the source is moved to the target, so no acknowledged write is left behind. Active
+commit is the same with the target being the source's own base, and the chain between them frozen
+for the job's lifetime.
+
+Convergence: the first pass gives way to client requests (pynbd.priority), so a backup-sized copy
+does not stretch guest latency; later passes, which chase what guests keep dirtying, do not, so
+the job reaches READY under a steady writer as qemu's does.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import asyncio
 import errno
 
 from pynbd.graph.core import BlockGraph, GraphUser, chain_links
+from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
+from pynbd.graph.reopen import restore
 from pynbd.jobs.copy import CopyEngine, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled, JobStatus
 from pynbd.nodes.base import BlockError, BlockNode
@@ -50,10 +59,14 @@ class MirrorJob(Job):
             self.job_type = "commit"
         self.top = MirrorTopNode(filter_node_name or graph.auto_name(), granularity, active_commit=base is not None)
         self.top.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.top.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
         self.users = [self.user]
         self.frozen: list = []
         self.pivoted = False
+        #: active commit: the base nodes reopened read-write for the job (read-only again at the
+        #: end unless the job pivoted to them)
+        self.reopened: list[BlockNode] = []
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -62,13 +75,13 @@ class MirrorJob(Job):
         if self.base is None and self.source.size != self.target.size:
             raise BlockError(errno.EINVAL, "Source and target image have different sizes")
         graph.insert_filter(tran, self.top, self.source)
-        self.top.activate(self.target)
-        graph.attach_user(self.user, self.top, Perm(0), ALL)
+        self.reader = graph.attach_user(self.user, self.top, Perm(0), ALL)
         shared = Perm.WRITE_UNCHANGED
         if self.base is not None:
             shared |= Perm.CONSISTENT_READ | Perm.WRITE
-        graph.attach_user(self.user, self.target, Perm.WRITE, shared)
+        self.writer = graph.attach_user(self.user, self.target, Perm.WRITE, shared)
         tran.add(abort=lambda: graph.detach_user(self.user))
+        self.top.activate(self.writer)
         if self.base is not None:
             self.frozen = graph.freeze_chain(self.source, self.base)
             tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
@@ -80,14 +93,19 @@ class MirrorJob(Job):
         if self.sync == "none":
             return
         offset = 0
+        size = self.reader.size
         if self.base is not None:  # active commit: what lies above the base
             layers = len(chain_links(self.source, self.base))
-            for length, depth in await self.source.allocation_depth(0, self.source.size):
+            async with self.user.busy():
+                extents = await self.reader.allocation_depth(0, size)
+            for length, depth in extents:
                 if 1 <= depth <= layers:
                     dirty.set_range(offset, length)
                 offset += length
         elif self.sync == "top":
-            for length, depth in await self.source.allocation_depth(0, self.source.size):
+            async with self.user.busy():
+                extents = await self.reader.allocation_depth(0, size)
+            for length, depth in extents:
                 if depth == 1:
                     dirty.set_range(offset, length)
                 offset += length
@@ -101,12 +119,12 @@ class MirrorJob(Job):
             async with top.lock.hold(offset, offset + length):
                 top.dirty.reset_range(offset, length)
                 try:
-                    staged = await read_chunk(self.source, offset, length)
+                    staged = await read_chunk(self.reader, offset, length)
                 except BaseException:
                     top.dirty.set_range(offset, length)
                     raise
             try:
-                await write_chunk(self.target, staged)
+                await write_chunk(self.writer, staged)
             except BaseException:
                 top.dirty.set_range(offset, length)
                 raise
@@ -121,11 +139,20 @@ class MirrorJob(Job):
             self.total_progress = max(self.total_progress, self.current_progress + total)
             await engine.run(ranges)
 
+    def _engine(self, yield_to_clients: bool) -> CopyEngine:
+        return CopyEngine(
+            self,
+            self._copy,
+            self.on_source_error,
+            self.on_target_error,
+            chunk=self.top.granularity * 16,
+            yield_to_clients=yield_to_clients,
+        )
+
     async def work(self) -> None:
         await self._initial_dirty()
-        engine = CopyEngine(
-            self, self._copy, self.on_source_error, self.on_target_error, chunk=self.top.granularity * 16
-        )
+        await self._copy_dirty(self._engine(yield_to_clients=True))
+        engine = self._engine(yield_to_clients=False)
         await self._copy_dirty(engine)
         self.set_ready()
         while not self.complete_requested:
@@ -137,28 +164,46 @@ class MirrorJob(Job):
             if self.cancelled and self.force_cancel:
                 raise JobCancelled()
             await self._copy_dirty(engine)
-        # complete (or cancel after ready): stop the world for writes, drain what is left
+        # complete (or cancel after ready): from now on guest writes reach both sides; what was
+        # dirtied before is copied here, and what writes already in flight dirty is copied by
+        # the drained final pass in prepare() (or, cancelled, by _final_pass() below)
         self.top.write_blocking = True
         await self._copy_dirty(engine)
-        await self.target.flush()
+        if self.cancelled:  # a point-in-time copy: settle it now, no pivot will follow
+            await self._final_pass()
+
+    async def _final_pass(self) -> None:
+        """With the filter drained (no guest write in flight or starting), copy what is still
+        dirty and flush the target: it then holds every write acknowledged so far."""
+        async with drained([self.top, self.target], owner=self.user):
+            for offset, length in self.top.dirty.dirty_ranges():
+                await self._copy(offset, length)
+            await self.writer.flush()
 
     # -- end ------------------------------------------------------------------------------------
 
     async def prepare(self) -> None:
         if self.cancelled:  # cancelled when ready: a point-in-time copy, no pivot
             return
-        self.graph.unfreeze_links(self.frozen)
-        self.frozen = []
-        self.graph.detach_user(self.user)
-        self.graph.replace_node(self.top, self.target)
-        self.pivoted = True
-
-    async def clean(self) -> None:
-        if self.frozen:
+        async with drained([self.top, self.target], owner=self.user):
+            for offset, length in self.top.dirty.dirty_ranges():
+                await self._copy(offset, length)
+            await self.writer.flush()
             self.graph.unfreeze_links(self.frozen)
             self.frozen = []
-        self.graph.detach_user(self.user)
-        self.graph.remove_filter(self.top, self.source)
+            self.graph.detach_user(self.user)
+            self.graph.replace_node(self.top, self.target)
+            self.pivoted = True
+
+    async def clean(self) -> None:
+        async with drained([self.top], owner=self.user):
+            if self.frozen:
+                self.graph.unfreeze_links(self.frozen)
+                self.frozen = []
+            self.graph.detach_user(self.user)
+            self.graph.remove_filter(self.top, self.source)
+        if self.reopened and not self.pivoted:
+            await restore(self.graph, self.reopened, True)
 
 
 __all__ = ["MirrorJob", "JobStatus"]

@@ -9,6 +9,7 @@ lock keeps each copy-up atomic against the guest's writes. The chain is frozen w
 from __future__ import annotations
 
 from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
+from pynbd.graph.io import drained
 from pynbd.graph.perms import Perm
 from pynbd.jobs.commit import record_backing
 from pynbd.jobs.copy import CopyEngine
@@ -42,6 +43,7 @@ class StreamJob(Job):
         self.bottom = links[-1].parent if base is not None and links else None  # just above the base
         self.cor = CopyOnReadNode(filter_node_name or graph.auto_name(), bottom=self.bottom)
         self.cor.implicit = filter_node_name is None  # type: ignore[attr-defined]
+        self.cor.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"stream job {job_id!r}")
         self.users = [self.user]
         self.frozen: list[ChildLink] = []
@@ -49,7 +51,7 @@ class StreamJob(Job):
     def install(self, tran) -> None:
         graph = self.graph
         graph.insert_filter(tran, self.cor, self.top)
-        graph.attach_user(
+        self.reader = graph.attach_user(
             self.user, self.cor, Perm.CONSISTENT_READ, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
         )
         tran.add(abort=lambda: graph.detach_user(self.user))
@@ -59,27 +61,35 @@ class StreamJob(Job):
     async def work(self) -> None:
         if not self.frozen:  # nothing below the top: nothing to stream
             return
-        ranges = await self.cor._copy_up_ranges(0, self.top.size)
+        async with self.user.busy():
+            ranges = await self.cor.copy_up_ranges(0, self.top.size)
         self.total_progress = sum(length for _, length in ranges)
-        engine = CopyEngine(self, self.cor.prefetch, self.on_error, self.on_error)
+        engine = CopyEngine(self, self._copy_up, self.on_error, self.on_error)
         await engine.run(ranges)
-        await self.top.flush()
+        async with self.user.busy():
+            await self.reader.flush()
+
+    async def _copy_up(self, offset: int, length: int) -> None:
+        """Read the range through the copy-on-read filter, which writes it into the top."""
+        await self.reader.read_into(offset, memoryview(bytearray(length)))
 
     async def prepare(self) -> None:
-        self.graph.unfreeze_links(self.frozen)
-        self.frozen = []
         backing = self.top.children.get("backing")
-        if backing is None:
-            return
-        if self.base is None:
-            self.graph.detach(backing)
-        else:
-            self.graph.replace_child(backing, self.base)
+        async with drained([self.cor], owner=self.user):
+            self.graph.unfreeze_links(self.frozen)
+            self.frozen = []
+            if backing is None:
+                return
+            if self.base is None:
+                self.graph.detach(backing)
+            else:
+                self.graph.replace_child(backing, self.base)
         await record_backing(self.top, self.base, self.backing_file)
 
     async def clean(self) -> None:
-        if self.frozen:
-            self.graph.unfreeze_links(self.frozen)
-            self.frozen = []
-        self.graph.detach_user(self.user)
-        self.graph.remove_filter(self.cor, self.top)
+        async with drained([self.cor], owner=self.user):
+            if self.frozen:
+                self.graph.unfreeze_links(self.frozen)
+                self.frozen = []
+            self.graph.detach_user(self.user)
+            self.graph.remove_filter(self.cor, self.top)

@@ -1,47 +1,37 @@
 """The one interface every block node offers, in the manner of nbdkit's plugin callbacks.
 
-Exports, jobs and filters talk to nodes only through this. Offsets and lengths are checked by
-the caller (the export or the parent node); a node may assume requests are inside its size.
+Nobody calls these methods directly but the request gate (``pynbd/graph/io.py``): exports, jobs
+and parent nodes make requests through their :class:`~pynbd.graph.core.ChildLink`, which checks
+ranges and permissions, marks dirty bitmaps and tracks requests for drain, then calls the driver
+here. A driver may therefore assume requests lie inside its size (or, for writes through a link
+holding RESIZE, that growing is allowed), and reaches its own children through ``self.children``
+links the same way.
 """
+
 
 from __future__ import annotations
 
-import errno
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from pynbd.bitmap import NodeBitmap
+from pynbd.errors import BlockError, NotFast
+from pynbd.graph.io import NodeRequests
 from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
 
 if TYPE_CHECKING:
     from pynbd.graph.core import ChildLink
     from pynbd.graph.transaction import Transaction
-    from pynbd.nodes.tracking import RequestTracker
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
+__all__ = ["BACKGROUND_IO", "BlockError", "BlockNode", "Extent", "FilterNode", "NotFast", "merge_extents"]
 
 #: True while the current task does a job's background copying: nodes that queue blocking I/O
 #: (file.py) put such requests behind the clients' own, so a backup never starves the guest.
 BACKGROUND_IO: ContextVar[bool] = ContextVar("BACKGROUND_IO", default=False)
-
-
-class BlockError(Exception):
-    """A request failed; ``errno`` is a host errno the NBD layer maps onto the wire."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
-
-
-class NotFast(BlockError):
-    """A FAST_ZERO request that would be no faster than writing zeroes (NBD: ENOTSUP)."""
-
-    def __init__(self, message: str = "zeroing would not be fast") -> None:
-        super().__init__(errno.ENOTSUP, message)
 
 
 class BlockNode(ABC):
@@ -51,6 +41,11 @@ class BlockNode(ABC):
     read_only: bool = False
     #: Whether :meth:`sendfile_source` can ever return something (lets the server skip asking).
     can_sendfile: bool = False
+    #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
+    cluster_size: int = 0
+    #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
+    #: freeze its links, so the job can always take it out again.
+    owner_job: str | None = None
 
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name
@@ -61,36 +56,16 @@ class BlockNode(ABC):
         self.perm = Perm(0)
         self.shared = Perm.all()
         self.dirty_bitmaps: dict[str, NodeBitmap] = {}
-        self.tracker: RequestTracker | None = None  # set while serialising writes may happen
+        self.io = NodeRequests()  # requests in flight and drains in force (pynbd/graph/io.py)
         self.unmap = True  # False: discards are dropped, zeroing never punches holes (discard=ignore)
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Make every driver's write, write_zeroes and discard mark the node's dirty bitmaps.
-
-        This is the generic write path qemu has in bdrv_co_write_req_finish: one place for every
-        driver, so no driver can forget it. The range is marked before the driver runs, so a
-        request that fails or a process that dies mid-write never leaves a change unrecorded.
-        """
-        super().__init_subclass__(**kwargs)
-        for name in ("write", "write_zeroes", "discard"):
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "_marks_bitmaps", False):
-                setattr(cls, name, _marking(method, name))
-        reader = cls.__dict__.get("read_into")
-        if reader is not None and not getattr(reader, "_tracked", False):
-            cls.read_into = _tracked(reader)
-
-    async def serialising_write(self, offset: int, data, fua: bool = False) -> None:
-        """A write that overlapping reads of this node never straddle (see nodes/tracking.py)."""
-        if self.tracker is None:
-            await self.write(offset, data, fua)
-            return
-        async with self.tracker.serialising(offset, offset + len(data)):
-            await self.write(offset, data, fua)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps.values():
             bitmap.mark(offset, length)
+
+    def child(self, name: str) -> ChildLink | None:
+        """The link to child ``name`` (requests to the child go through it), if there is one."""
+        return self.children.get(name)
 
     def child_node(self, name: str) -> BlockNode | None:
         link = self.children.get(name)
@@ -173,48 +148,18 @@ class BlockNode(ABC):
         metadata override this."""
         self.read_only = read_only
 
+    async def start_writing(self) -> None:
+        """The node, open or reopened read-write, now holds its write permission and file locks:
+        a format writes here what a writable open needs (qcow2: bitmaps marked IN_USE), never
+        before, so an image another process holds is never touched."""
+        return None
+
     async def close(self) -> None:
         """Release the node's resources; the default flushes."""
         await self.flush()
 
     def describe(self) -> str:
         return f"{self.driver} node {self.node_name!r}"
-
-
-def _marking(method, kind: str):
-    """The generic write path around a driver's write, write_zeroes or discard.
-
-    With ``unmap`` off (qemu's ``discard=ignore``, its default for blockdev-add) a discard is
-    dropped here, unmarked, and write-zeroes may not punch holes, as in qemu's block layer."""
-
-    @functools.wraps(method)
-    async def wrapper(self, offset, arg, *args, **kwargs):
-        if not self.unmap:
-            if kind == "discard":
-                return None
-            if kind == "write_zeroes":
-                if args:
-                    args = (False, *args[1:])
-                else:
-                    kwargs["may_trim"] = False
-        if self.dirty_bitmaps:
-            self.mark_dirty(offset, len(arg) if kind == "write" else arg)
-        return await method(self, offset, arg, *args, **kwargs)
-
-    wrapper._marks_bitmaps = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _tracked(method):
-    @functools.wraps(method)
-    async def wrapper(self, offset, buf, *args, **kwargs):
-        if self.tracker is None:
-            return await method(self, offset, buf, *args, **kwargs)
-        async with self.tracker.reading(offset, offset + len(buf)):
-            return await method(self, offset, buf, *args, **kwargs)
-
-    wrapper._tracked = True  # type: ignore[attr-defined]
-    return wrapper
 
 
 def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
@@ -245,8 +190,9 @@ class FilterNode(BlockNode):
         return Role.filtered() if name == self.child_name else Role.DATA
 
     @property
-    def filtered(self) -> BlockNode:
-        return self.children[self.child_name].node
+    def filtered(self) -> ChildLink:
+        """The link to the filtered child: requests to it go through the gate."""
+        return self.children[self.child_name]
 
     @property
     def size(self) -> int:

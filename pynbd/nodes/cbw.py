@@ -19,11 +19,15 @@ import asyncio
 import contextlib
 import errno
 import logging
+from typing import TYPE_CHECKING
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.graph.perms import ALL, PASSTHROUGH, Perm
 from pynbd.jobs.copy import copy_chunk
-from pynbd.nodes.base import BlockError, BlockNode, Extent, FilterNode, merge_extents
+from pynbd.nodes.base import BlockError, Extent, FilterNode, merge_extents
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
 
 log = logging.getLogger("pynbd.cbw")
 
@@ -61,19 +65,18 @@ class CopyBeforeWriteNode(FilterNode):
         return child_perm, child_shared
 
     @property
-    def file(self) -> BlockNode:
+    def file(self) -> ChildLink:
         return self.filtered
 
     @property
-    def target(self) -> BlockNode:
-        return self.children["target"].node
+    def target(self) -> ChildLink:
+        return self.children["target"]
 
     def activate(self) -> None:
         """Called once both children are attached: size the bitmaps (the fleecing point is now)."""
         if self.target.size != self.file.size:
             raise BlockError(errno.EINVAL, "copy-before-write: file and target must have the same size")
-        target_cluster = getattr(self.target, "cluster_size", 0) or 0
-        self.cluster_size = max(MIN_CLUSTER, target_cluster)
+        self.cluster_size = max(MIN_CLUSTER, self.target.node.cluster_size)
         self.done = DirtyBitmap(self.file.size, self.cluster_size)
         self.access = DirtyBitmap(self.file.size, self.cluster_size)
         if self._access_seed is None:
@@ -90,23 +93,30 @@ class CopyBeforeWriteNode(FilterNode):
 
     @contextlib.asynccontextmanager
     async def _locked(self, clusters: range):
+        """Hold the locks of ``clusters``. Cancellation-safe: a waiter that is cancelled before
+        it got a lock releases only the locks it holds, never one it was still waiting for."""
         taken = []
         try:
             for index in clusters:  # ascending order: no two requests can deadlock
                 lock = self._locks.setdefault(index, asyncio.Lock())
                 self._lock_users[index] = self._lock_users.get(index, 0) + 1
+                try:
+                    await lock.acquire()
+                except BaseException:
+                    self._drop_lock_user(index)
+                    raise
                 taken.append(index)
-                await lock.acquire()
             yield
         finally:
             for index in taken:
-                lock = self._locks[index]
-                if lock.locked():
-                    lock.release()
-                self._lock_users[index] -= 1
-                if not self._lock_users[index]:
-                    del self._lock_users[index]
-                    del self._locks[index]
+                self._locks[index].release()
+                self._drop_lock_user(index)
+
+    def _drop_lock_user(self, index: int) -> None:
+        self._lock_users[index] -= 1
+        if not self._lock_users[index]:
+            del self._lock_users[index]
+            del self._locks[index]
 
     def _needs_copy(self, index: int) -> bool:
         return bool(self.access.bits[index]) and not self.done.bits[index]
@@ -224,7 +234,7 @@ class SnapshotAccessNode(FilterNode):
 
     @property
     def cbw(self) -> CopyBeforeWriteNode:
-        node = self.filtered
+        node = self.filtered.node
         if not isinstance(node, CopyBeforeWriteNode):
             raise BlockError(errno.EINVAL, "snapshot-access needs a copy-before-write node as its file")
         return node

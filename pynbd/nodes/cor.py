@@ -38,9 +38,9 @@ class CopyOnReadNode(FilterNode):
     def _layers_above_bottom(self) -> int | None:
         if self.bottom is None:
             return None
-        return len(chain_links(self.filtered, self.bottom)) + 1
+        return len(chain_links(self.filtered.node, self.bottom)) + 1
 
-    async def _copy_up_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+    async def copy_up_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Sub-ranges the top does not hold but a layer above ``bottom`` (or any layer) does."""
         limit = self._layers_above_bottom()
         out, pos = [], offset
@@ -53,16 +53,11 @@ class CopyOnReadNode(FilterNode):
     async def read_into(self, offset: int, buf: memoryview) -> None:
         async with self.lock.hold(offset, offset + len(buf)):
             await self.filtered.read_into(offset, buf)
-            for start, length in await self._copy_up_ranges(offset, len(buf)):
+            for start, length in await self.copy_up_ranges(offset, len(buf)):
                 piece = buf[start - offset : start - offset + length]
                 await self.filtered.write(start, piece)
                 if self.track_copied:
                     self._copied().set_range(start, length)
-
-    async def prefetch(self, offset: int, length: int) -> None:
-        """Copy up a range without a caller buffer (the stream job's read)."""
-        buf = bytearray(length)
-        await self.read_into(offset, memoryview(buf))
 
     def _copied(self) -> DirtyBitmap:
         if self.copied is None:
@@ -76,7 +71,7 @@ class CopyOnReadNode(FilterNode):
         released = 0
         for start, length in self.copied.dirty_ranges():
             async with self.lock.hold(start, start + length):
-                unallocate = getattr(self.filtered, "unallocate", None)
+                unallocate = getattr(self.filtered.node, "unallocate", None)
                 if unallocate is None:
                     what = self.filtered.describe()
                     raise BlockError(errno.ENOTSUP, f"{what} cannot give clusters back to its backing")

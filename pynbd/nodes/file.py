@@ -132,6 +132,13 @@ class FileNode(BlockNode):
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         await _blocking(self._write, offset, memoryview(data), fua)
+        self._grown_to(offset + len(data))
+
+    def _grown_to(self, end: int) -> None:
+        """A write past the end (a format node growing its image, through a link holding
+        RESIZE) makes the node that much larger, as qemu's generic write path does."""
+        if end > self._size and not self.is_block_device:
+            self._size = end
 
     def _write(self, offset: int, view: memoryview, fua: bool) -> None:
         done = 0
@@ -144,6 +151,7 @@ class FileNode(BlockNode):
         self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
     ) -> None:
         await _blocking(self._write_zeroes, offset, length, may_trim, fua, fast)
+        self._grown_to(offset + length)
 
     def _write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool, fast: bool) -> None:
         modes = []

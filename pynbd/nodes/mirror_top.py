@@ -14,11 +14,15 @@ taken by guest writes only in write-blocking mode, when they write the target th
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.graph.perms import PASSTHROUGH, Perm
-from pynbd.nodes.base import BlockNode, FilterNode
+from pynbd.nodes.base import FilterNode
 from pynbd.nodes.tracking import RangeLock
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
 
 
 class MirrorTopNode(FilterNode):
@@ -29,7 +33,7 @@ class MirrorTopNode(FilterNode):
         self.granularity = granularity
         self.active_commit = active_commit
         self.dirty: DirtyBitmap | None = None
-        self.target: BlockNode | None = None
+        self.target: ChildLink | None = None  # the job's link to its target
         self.write_blocking = False
         self.lock = RangeLock()
         self.copy_lock = RangeLock()
@@ -46,10 +50,10 @@ class MirrorTopNode(FilterNode):
         return child_perm, child_shared
 
     @property
-    def source(self) -> BlockNode:
+    def source(self) -> ChildLink:
         return self.filtered
 
-    def activate(self, target: BlockNode) -> None:
+    def activate(self, target: ChildLink) -> None:
         self.target = target
         self.dirty = DirtyBitmap(self.source.size, self.granularity)
 

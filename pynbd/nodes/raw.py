@@ -6,8 +6,13 @@ shifted by ``offset`` and never reaches past ``size``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pynbd.graph.perms import Perm, Role
 from pynbd.nodes.base import BlockError, BlockNode, Extent
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
 
 
 class RawNode(BlockNode):
@@ -32,11 +37,11 @@ class RawNode(BlockNode):
         return child_perm & perm, child_shared
 
     @property
-    def file(self) -> BlockNode:
-        node = self.child_node("file")
-        if node is None:
+    def file(self) -> ChildLink:
+        link = self.child("file")
+        if link is None:
             raise BlockError(5, f"raw node {self.node_name!r} has no file child")
-        return node
+        return link
 
     @property
     def size(self) -> int:
@@ -50,10 +55,10 @@ class RawNode(BlockNode):
 
     @property
     def can_sendfile(self) -> bool:  # type: ignore[override]
-        return self.file.can_sendfile
+        return self.file.node.can_sendfile
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
-        return self.file.sendfile_source(self.offset + offset, length)
+        return self.file.node.sendfile_source(self.offset + offset, length)
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         await self.file.read_into(self.offset + offset, buf)

@@ -1,56 +1,14 @@
-"""Serialising writes: a write that waits for, and holds off, overlapping reads of a node.
+"""Range locks for filters that read, then write.
 
-Fleecing the old way reads a temporary overlay whose unallocated clusters fall through to the
-live disk. When copy-before-write copies a cluster into that overlay, a reader may be half-way
-through reading the same cluster from the live disk, which is about to change. As in qemu
-(block-copy's SERIALISING writes to a fleecing target), the copy into the overlay waits until
-overlapping reads of the overlay have finished and new ones wait for it; the live disk is only
-written after the copy, so every reader sees the old data, from one place or the other.
+(Serialising writes, which fleecing needs so that a reader of the overlay never straddles a
+copy-before-write into it, are tracked by the request gate: pynbd/graph/io.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
-
-class RequestTracker:
-    def __init__(self) -> None:
-        self._reads: dict[int, tuple[int, int]] = {}
-        self._serial: dict[int, tuple[int, int]] = {}
-        self._changed = asyncio.Condition()
-        self._next = 0
-
-    @staticmethod
-    def _overlaps(ranges, start: int, end: int) -> bool:
-        return any(s < end and start < e for s, e in ranges)
-
-    @contextlib.asynccontextmanager
-    async def reading(self, start: int, end: int):
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._overlaps(self._serial.values(), start, end))
-            key = self._next = self._next + 1
-            self._reads[key] = (start, end)
-        try:
-            yield
-        finally:
-            async with self._changed:
-                del self._reads[key]
-                self._changed.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def serialising(self, start: int, end: int):
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._overlaps(self._serial.values(), start, end))
-            key = self._next = self._next + 1
-            self._serial[key] = (start, end)  # from now on, new overlapping reads wait
-            await self._changed.wait_for(lambda: not self._overlaps(self._reads.values(), start, end))
-        try:
-            yield
-        finally:
-            async with self._changed:
-                del self._serial[key]
-                self._changed.notify_all()
+from pynbd.graph.io import ChangeSignal
 
 
 class RangeLock:
@@ -62,18 +20,23 @@ class RangeLock:
 
     def __init__(self) -> None:
         self._held: dict[int, tuple[int, int]] = {}
-        self._changed = asyncio.Condition()
+        self._released = ChangeSignal()
         self._next = 0
 
     @contextlib.asynccontextmanager
     async def hold(self, start: int, end: int):
-        async with self._changed:
-            await self._changed.wait_for(lambda: not RequestTracker._overlaps(self._held.values(), start, end))
-            key = self._next = self._next + 1
-            self._held[key] = (start, end)
+        """Cancellation-safe: a waiter cancelled before it got the range leaves nothing held,
+        and the release is synchronous, so a cancellation cannot skip it."""
+        while _overlaps(self._held.values(), start, end):
+            await self._released.wait()
+        key = self._next = self._next + 1
+        self._held[key] = (start, end)
         try:
             yield
         finally:
-            async with self._changed:
-                del self._held[key]
-                self._changed.notify_all()
+            del self._held[key]
+            self._released.wake()
+
+
+def _overlaps(ranges, start: int, end: int) -> bool:
+    return any(s < end and start < e for s, e in ranges)

@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 from array import array
+from typing import TYPE_CHECKING
 
 from pynbd.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, NodeBitmap, check_granularity
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
@@ -55,6 +56,9 @@ from pynbd.qcow2.layout import (
     table_to_bytes,
 )
 from pynbd.qcow2.refcount import Refcounts, _runs
+
+if TYPE_CHECKING:
+    from pynbd.graph.core import ChildLink
 
 log = logging.getLogger("pynbd.qcow2")
 
@@ -152,16 +156,21 @@ class Qcow2Node(BlockNode):
         self._metadata_preallocated: bool | None = None  # decided on first use, as qemu does
 
     @property
-    def file(self) -> BlockNode:
+    def file(self) -> ChildLink | BlockNode:
+        """The link requests to the image file go through (the bare node only while opening)."""
         if "file" in self.children:
-            return self.children["file"].node
+            return self.children["file"]
         return self._file
 
     @property
-    def backing(self) -> BlockNode | None:
+    def file_node(self) -> BlockNode:
+        link = self.children.get("file")
+        return link.node if link is not None else self._file
+
+    @property
+    def backing(self) -> ChildLink | BlockNode | None:
         if "file" in self.children:
-            link = self.children.get("backing")
-            return link.node if link is not None else None
+            return self.children.get("backing")
         return self._backing
 
     # -- opening ---------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ class Qcow2Node(BlockNode):
 
         Read-write, opening writes (bitmaps IN_USE, autoclear bits). In a graph that must wait
         until the node holds its permissions and locks on the file: ``defer_activation`` leaves it
-        to :meth:`activate`, which the caller runs after attaching the file."""
+        to :meth:`start_writing`, which the caller runs after attaching the file."""
         header = header or await read_header(file)
         check_openable(header)
         if header.extended_l2 and not read_only:
@@ -790,8 +799,9 @@ class Qcow2Node(BlockNode):
             await self._write_header()
             await self.file.flush()
 
-    async def activate(self) -> None:
-        """Finish a read-write open deferred by ``open(defer_activation=True)``."""
+    async def start_writing(self) -> None:
+        """Finish a read-write open deferred by ``open(defer_activation=True)``, or a reopen
+        read-write: the node now holds its write permission and locks, so it may write."""
         if not self.read_only:
             await self._open_read_write()
 
@@ -806,9 +816,8 @@ class Qcow2Node(BlockNode):
                 await self._store_bitmaps()
                 await self._flush_locked()
             self.read_only = True
-        else:
+        else:  # the caller runs start_writing() once the node holds its write permission
             self.read_only = False
-            await self._open_read_write()  # IN_USE on every bitmap before the first write
 
     async def close(self) -> None:
         if self.closed:
@@ -855,7 +864,7 @@ class Qcow2Node(BlockNode):
         """qemu's qcow2_detect_metadata_preallocation: the refcounts claim clearly more clusters
         (10/9, at least 2 more) than the file really has allocated."""
         if self._metadata_preallocated is None:
-            fd = getattr(self.file, "fd", None)
+            fd = getattr(self.file_node, "fd", None)
             result = False
             if fd is not None:
                 st = os.fstat(fd)

@@ -6,6 +6,7 @@ request against that before it reaches the node.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -56,11 +57,22 @@ class Export:
     def node(self) -> BlockNode:
         return self.link.node if self.link is not None else self._node
 
+    @property
+    def io(self) -> ChildLink | BlockNode:
+        """Where the export's requests go: its graph link, through the request gate."""
+        return self.link if self.link is not None else self._node
+
+    def reading(self, offset: int, length: int):
+        """Track a read the server does itself (sendfile) as a request in flight on the node."""
+        if self.link is not None:
+            return self.link.reading(offset, length)
+        return contextlib.nullcontext()
+
     async def _base_allocation(self, offset: int, length: int) -> list[Extent]:
-        return await self.node.block_status(offset, length)
+        return await self.io.block_status(offset, length)
 
     async def _allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        return await self.node.allocation_depth(offset, length)
+        return await self.io.allocation_depth(offset, length)
 
     @property
     def size(self) -> int:

@@ -7,6 +7,7 @@ replies go out as soon as they are ready (out of order), serialised by a per-con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -401,7 +402,7 @@ class ServerConnection:
 
     async def _dispatch(self, request, payload) -> None:
         self._check_request(request)
-        node = self.export.node
+        node = self.export.io
         cmd, flags, cookie = request.type, request.flags, request.cookie
         fua = bool(flags & CmdFlag.FUA)
         if cmd == Cmd.READ:
@@ -436,7 +437,7 @@ class ServerConnection:
         await self._send_ok(cookie)
 
     async def _read(self, request) -> None:
-        node, cookie, offset, length = self.export.node, request.cookie, request.offset, request.length
+        node, cookie, offset, length = self.export.io, request.cookie, request.offset, request.length
         if not self.session.structured:
             buf = self._buffers.get(length)
             try:
@@ -457,9 +458,7 @@ class ServerConnection:
         # Read every data extent before sending anything, so an I/O error becomes a clean
         # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
         df = bool(request.flags & CmdFlag.DF)
-        use_sendfile = (
-            length > SMALL_READ and node.can_sendfile and node.tracker is None and self.channel.supports_sendfile
-        )
+        use_sendfile = length > SMALL_READ and self.export.node.can_sendfile and self.channel.supports_sendfile
         pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
         pos = offset
         try:
@@ -473,14 +472,16 @@ class ServerConnection:
                 else:
                     pieces.append((pos, ext_len, None))
                 pos += ext_len
-            async with self._reply_lock:
+            # a sendfile reads the file while it sends: the whole reply is then a request in flight
+            tracking = self.export.reading(offset, length) if use_sendfile else contextlib.nullcontext()
+            async with tracking, self._reply_lock:
                 for i, (pos, ext_len, buf) in enumerate(pieces):
                     done = i == len(pieces) - 1
                     if buf is None:
                         await self.channel.send([encode_offset_hole(cookie, pos, ext_len, done)])
                     elif buf is _SENDFILE:
                         await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done)])
-                        await self._sendfile(node, pos, ext_len)
+                        await self._sendfile(self.export.node, pos, ext_len)
                     else:
                         await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), buf])
         finally:
