@@ -166,7 +166,9 @@ class RequestGate:
     """The request methods of a :class:`~pynbd.graph.core.ChildLink` (mixed into it).
 
     Callers use a link exactly as they would use the node (``link.read_into(...)``,
-    ``link.size``); the gate does the checks and bookkeeping and then calls the driver.
+    ``link.size``); the gate does the checks and bookkeeping and then calls the driver. The node
+    is looked up only once the request is admitted: a request that waited for a drain goes to
+    whatever the link points at after the graph change (the mirror's target after a pivot).
     """
 
     node: BlockNode
@@ -181,46 +183,53 @@ class RequestGate:
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def _check_range(self, offset: int, length: int, grows: bool = False) -> None:
-        size = self.node.size
+    def _check_range(self, node: BlockNode, offset: int, length: int, grows: bool = False) -> None:
+        size = node.size
         if offset < 0 or length < 0 or offset + length > size:
             if grows and offset >= 0 and length >= 0 and self.perm & Perm.RESIZE:
                 return
             raise BlockError(
-                errno.EINVAL,
-                f"request [{offset}, {offset + length}) is outside {self.node.describe()} (size {size})",
+                errno.EINVAL, f"request [{offset}, {offset + length}) is outside {node.describe()} (size {size})"
             )
 
     def _check_writable(self) -> None:
         if not self.perm & WRITING:
             raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")  # type: ignore[attr-defined]
 
-    async def _enter(self, start: int, end: int, serialising: bool = False) -> int:
-        io = self.node.io
-        if self.queues and io.quiescers and _SECTION.get() is not self.parent:
-            await io.admit(self.parent)
-        if not serialising:
-            key = io.begin_now(start, end)
-            if key is not None:
-                return key
-        return await io.begin(start, end, serialising)
+    async def _enter(self, start: int, end: int, serialising: bool = False) -> tuple[BlockNode, int]:
+        """Admit the request (waiting out drains for root users) and register it in flight on
+        the node the link points at then; returns that node and the key for ``node.io.end``."""
+        while True:
+            node = self.node
+            io = node.io
+            if self.queues and io.quiescers and _SECTION.get() is not self.parent and io.blocks(self.parent):
+                await io.admit(self.parent)
+                continue  # the graph may have changed meanwhile: look again
+            if not serialising:
+                key = io.begin_now(start, end)
+                if key is not None:
+                    return node, key
+            key = await io.begin(start, end, serialising)
+            if self.node is node:
+                return node, key
+            io.end(key)  # re-pointed while it waited for overlapping requests: go where it points now
 
     # -- requests -------------------------------------------------------------------------------
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
-        node = self.node
-        if offset + length > node.size and offset >= 0:
-            # past the end reads as zeroes, as in qemu's generic read path (a format reading the
-            # whole last cluster of an image file whose tail was never written)
-            inside = max(0, node.size - offset)
-            buf[inside:] = bytes(length - inside)
-            if not inside:
-                return
-            buf, length = buf[:inside], inside
-        self._check_range(offset, length)
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            size = node.size
+            if offset + length > size and offset >= 0:
+                # past the end reads as zeroes, as in qemu's generic read path (a format reading
+                # the whole last cluster of an image file whose tail was never written)
+                inside = max(0, size - offset)
+                buf[inside:] = bytes(length - inside)
+                if not inside:
+                    return
+                buf, length = buf[:inside], inside
+            self._check_range(node, offset, length)
             await node.read_into(offset, buf)
         finally:
             node.io.end(key)
@@ -235,10 +244,9 @@ class RequestGate:
     async def _write(self, offset: int, data, fua: bool, serialising: bool) -> None:
         length = len(data)
         self._check_writable()
-        self._check_range(offset, length, grows=True)
-        node = self.node
-        key = await self._enter(offset, offset + length, serialising)
+        node, key = await self._enter(offset, offset + length, serialising)
         try:
+            self._check_range(node, offset, length, grows=True)
             if node.dirty_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write(offset, data, fua)
@@ -249,10 +257,9 @@ class RequestGate:
         self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
     ) -> None:
         self._check_writable()
-        self._check_range(offset, length, grows=True)
-        node = self.node
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            self._check_range(node, offset, length, grows=True)
             if node.dirty_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write_zeroes(offset, length, may_trim and node.unmap, fua, fast)
@@ -261,12 +268,11 @@ class RequestGate:
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
-        self._check_range(offset, length)
-        node = self.node
-        if not node.unmap:  # qemu's discard=ignore: dropped here, unmarked
-            return
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            self._check_range(node, offset, length)
+            if not node.unmap:  # qemu's discard=ignore: dropped here, unmarked
+                return
             if node.dirty_bitmaps:
                 node.mark_dirty(offset, length)
             await node.discard(offset, length)
@@ -274,49 +280,44 @@ class RequestGate:
             node.io.end(key)
 
     async def flush(self) -> None:
-        node = self.node
-        key = await self._enter(0, 0)
+        node, key = await self._enter(0, 0)
         try:
             await node.flush()
         finally:
             node.io.end(key)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        self._check_range(offset, length)
-        node = self.node
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            self._check_range(node, offset, length)
             return await node.block_status(offset, length)
         finally:
             node.io.end(key)
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        self._check_range(offset, length)
-        node = self.node
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            self._check_range(node, offset, length)
             return await node.allocation_depth(offset, length)
         finally:
             node.io.end(key)
 
     async def cache(self, offset: int, length: int) -> None:
-        self._check_range(offset, length)
-        node = self.node
-        key = await self._enter(offset, offset + length)
+        node, key = await self._enter(offset, offset + length)
         try:
+            self._check_range(node, offset, length)
             await node.cache(offset, length)
         finally:
             node.io.end(key)
 
     @contextlib.asynccontextmanager
-    async def reading(self, offset: int, length: int) -> AsyncIterator[None]:
+    async def reading(self, offset: int, length: int) -> AsyncIterator[BlockNode]:
         """A read the caller does itself (``sendfile`` from :meth:`BlockNode.sendfile_source`),
-        tracked like :meth:`read_into` for as long as the block lasts."""
-        self._check_range(offset, length)
-        node = self.node
-        key = await self._enter(offset, offset + length)
+        tracked like :meth:`read_into` for as long as the block lasts; yields the node to read."""
+        node, key = await self._enter(offset, offset + length)
         try:
-            yield
+            self._check_range(node, offset, length)
+            yield node
         finally:
             node.io.end(key)
 

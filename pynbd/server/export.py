@@ -63,10 +63,11 @@ class Export:
         return self.link if self.link is not None else self._node
 
     def reading(self, offset: int, length: int):
-        """Track a read the server does itself (sendfile) as a request in flight on the node."""
+        """Track a read the server does itself (sendfile) as a request in flight on the node;
+        the context yields the node to read from."""
         if self.link is not None:
             return self.link.reading(offset, length)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(self._node)
 
     async def _base_allocation(self, offset: int, length: int) -> list[Extent]:
         return await self.io.block_status(offset, length)

@@ -474,14 +474,14 @@ class ServerConnection:
                 pos += ext_len
             # a sendfile reads the file while it sends: the whole reply is then a request in flight
             tracking = self.export.reading(offset, length) if use_sendfile else contextlib.nullcontext()
-            async with tracking, self._reply_lock:
+            async with tracking as source, self._reply_lock:
                 for i, (pos, ext_len, buf) in enumerate(pieces):
                     done = i == len(pieces) - 1
                     if buf is None:
                         await self.channel.send([encode_offset_hole(cookie, pos, ext_len, done)])
                     elif buf is _SENDFILE:
                         await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done)])
-                        await self._sendfile(self.export.node, pos, ext_len)
+                        await self._sendfile(source, pos, ext_len)
                     else:
                         await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), buf])
         finally:
