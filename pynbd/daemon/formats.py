@@ -3,6 +3,10 @@
 ``backing`` follows qemu: absent means "open the backing chain the image header names" (as
 implicit nodes), null means no backing, a string is an existing node-name, an object an inline
 node definition.
+
+``cache-size``, ``l2-cache-size`` and ``refcount-cache-size`` size the node's metadata caches as
+qemu does (same defaults once any is given, same split, same refusals); pynbd caches whole L2
+tables, so ``l2-cache-entry-size`` may only be the cluster size.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.file import FileNode
 from pynbd.nodes.open import probe_format, resolve_backing
 from pynbd.qcow2.create import CreateOptions, create_qcow2
-from pynbd.qcow2.layout import FormatError
+from pynbd.qcow2.layout import FormatError, Header
 from pynbd.qcow2.node import Qcow2Node, read_header
 from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import nullable_str
@@ -45,8 +49,18 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
     read_only = options.get("read-only", False)
     try:
         header = await read_header(file)
+    except FormatError as exc:
+        raise QMPError(f"Image is not in qcow2 format: {exc}") from None
+    l2_cache_size, refcount_cache_size = cache_sizes(options, header)
+    try:
         node = await Qcow2Node.open(
-            file, header=header, read_only=read_only, filename=node_filename(file), defer_activation=True
+            file,
+            header=header,
+            read_only=read_only,
+            filename=node_filename(file),
+            defer_activation=True,
+            l2_cache_size=l2_cache_size,
+            refcount_cache_size=refcount_cache_size,
         )
     except FormatError as exc:
         raise QMPError(f"Image is not in qcow2 format: {exc}") from None
@@ -71,6 +85,53 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
             daemon.graph.detach(link)
         raise
     return node
+
+
+DEFAULT_L2_CACHE_MAX_SIZE = 32 << 20  # qemu's, on Linux
+MIN_REFCOUNT_CACHE_CLUSTERS = 4
+INT_MAX = (1 << 31) - 1
+
+
+def cache_sizes(options: dict, header: Header) -> tuple[int | None, int | None]:
+    """(L2, refcount) cache sizes in bytes from the blockdev options, as qemu's read_cache_sizes
+    derives them; (None, None) when no size is given, for pynbd's own defaults."""
+    cs = header.cluster_size
+    entry_size = options.get("l2-cache-entry-size")
+    if entry_size is not None:
+        if not 512 <= entry_size <= cs or entry_size & (entry_size - 1):
+            raise QMPError(f"L2 cache entry size must be a power of two between 512 and the cluster size ({cs})")
+        if entry_size != cs:
+            raise QMPError(f"l2-cache-entry-size: pynbd caches whole L2 tables, so only the cluster size ({cs})")
+    combined, l2, refcount = (options.get(k) for k in ("cache-size", "l2-cache-size", "refcount-cache-size"))
+    if combined is None and l2 is None and refcount is None:
+        return None, None
+    max_l2_cache = -(-(-(-header.size // cs) * 8) // cs) * cs  # every L2 table the disk can have
+    min_refcount_cache = MIN_REFCOUNT_CACHE_CLUSTERS * cs
+    l2_size = min(max_l2_cache, DEFAULT_L2_CACHE_MAX_SIZE if l2 is None else l2)
+    refcount_size = refcount or 0
+    if combined is not None:
+        if l2 is not None and refcount is not None:
+            raise QMPError("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time")
+        if l2 is not None and l2 > combined:
+            raise QMPError("l2-cache-size may not exceed cache-size")
+        if refcount_size > combined:
+            raise QMPError("refcount-cache-size may not exceed cache-size")
+        if l2 is not None:
+            refcount_size = combined - l2_size
+        elif refcount is not None:
+            l2_size = combined - refcount_size
+        elif combined >= max_l2_cache + min_refcount_cache:  # the whole L2 cache, the rest for refcounts
+            l2_size, refcount_size = max_l2_cache, combined - max_l2_cache
+        else:
+            refcount_size = min(combined, min_refcount_cache)
+            l2_size = combined - refcount_size
+    if entry_size is None:  # qemu's default entry: 4 KiB unless the cache covers the whole disk
+        entry_size = cs if l2_size >= max_l2_cache else min(cs, 4096)
+    if l2_size // entry_size > INT_MAX:
+        raise QMPError("L2 cache size too big")
+    if refcount_size // cs > INT_MAX:
+        raise QMPError("Refcount cache size too big")
+    return l2_size, refcount_size
 
 
 async def _open_backing_chain(daemon: Daemon, header, image: str, created: list[BlockNode]) -> BlockNode | None:

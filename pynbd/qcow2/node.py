@@ -9,14 +9,20 @@ Persistent bitmaps live in ``dirty_bitmaps`` like any node's bitmaps (the base c
 every write, zero and discard), flagged ``persistent``. They are IN_USE on disk from the moment the
 image is opened read-write until they are stored on a clean close.
 
-Concurrency: one asyncio lock serialises everything that looks at or changes metadata. Reads map
-their range under the lock and then read data outside it; clusters freed by a write or discard
-are only handed back to the allocator once no such read is in flight, so a read can never see
-another guest offset's data in a cluster that was freed and reused under it.
+Concurrency: one asyncio lock serialises everything that looks at or changes metadata: the L1
+table, the L2 and refcount caches, and every walk over them (mapping, block status, the
+metadata-preallocation scan, the free-cluster search). Reads map their range under the lock and
+then read data outside it; clusters freed by a write or discard are only handed back to the
+allocator once no such read is in flight, so a read can never see another guest offset's data in
+a cluster that was freed and reused under it. Writes that need no new metadata, or only carry the
+caller's bytes into new clusters, also run outside the lock.
 
-Metadata is cached and written back in the crash-safe order (see ``refcount.py``): refcount
+Metadata is cached and written back in the crash-safe order (see ``refcount.py``): data, refcount
 blocks, barrier, L2 tables, barrier, L1 entries, barrier, then the deferred refcount decrements.
-Write-back happens on flush, FUA, close and when the L2 cache must evict a dirty table.
+Write-back happens on flush, FUA, close and when the L2 cache must evict a dirty table; refcount
+blocks may also be written early when their cache evicts one, which is why the barrier before the
+L2 tables depends on whether any refcount was written since the last flush, not on this write-back.
+The cache sizes are options in bytes, as qemu's ``l2-cache-size`` and ``refcount-cache-size``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pynbd.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, NodeBitmap, check_gra
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode, Extent, NotFast, merge_extents
 from pynbd.protocol.constants import State
 from pynbd.qcow2 import bitmaps as bm
-from pynbd.qcow2.l2cache import L2Cache
+from pynbd.qcow2.l2cache import L2Cache, cached_tables
 from pynbd.qcow2.layout import (
     AUTOCLEAR_BITMAPS,
     AUTOCLEAR_KNOWN,
@@ -125,6 +131,7 @@ class Qcow2Node(BlockNode):
         read_only: bool = False,
         filename: str = "",
         node_name: str = "",
+        l2_cache_size: int | None = None,
     ) -> None:
         super().__init__(node_name)
         self._file = file
@@ -140,7 +147,9 @@ class Qcow2Node(BlockNode):
         self.l2_span = self.l2_entries << self.cluster_bits
         self.l1_dirty: set[int] = set()
         self.refcounts._file = lambda: self.file  # noqa: SLF001 - follow the graph's file link
-        self.l2cache = L2Cache(lambda: self.file, self.cluster_size, self._writeback)
+        self.l2cache = L2Cache(
+            lambda: self.file, self.cluster_size, self._writeback, cached_tables(l2_cache_size, self.cluster_size)
+        )
         #: the bitmap directory as it is on disk: (entry, its bitmap table) per bitmap
         self.disk_bitmaps: list[tuple[bm.DirEntry, array]] = []
         #: names of the bitmaps that were IN_USE when opened (not saved after their last change)
@@ -151,6 +160,9 @@ class Qcow2Node(BlockNode):
         self._inflight_io = 0  # data reads and in-place writes running outside the lock
         self._io_idle = asyncio.Event()
         self._io_idle.set()
+        #: data of the write holding the lock, to be written once it has released the lock; new L2
+        #: entries may point at it, so a write-back before then writes it first (see _writeback)
+        self._unwritten_data: list[tuple[int, memoryview]] = []
         self._compressed_cache: tuple[int, bytes] | None = None
         self.closed = False
         self._metadata_preallocated: bool | None = None  # decided on first use, as qemu does
@@ -186,8 +198,13 @@ class Qcow2Node(BlockNode):
         filename: str = "",
         node_name: str = "",
         defer_activation: bool = False,
+        l2_cache_size: int | None = None,
+        refcount_cache_size: int | None = None,
     ) -> Qcow2Node:
         """Open an image on ``file``; ``backing`` is the already opened backing node, if any.
+
+        The cache sizes are in bytes, as qemu's options (at least 2 L2 tables and 4 refcount
+        blocks are cached whatever they say); None keeps pynbd's defaults.
 
         Read-write, opening writes (bitmaps IN_USE, autoclear bits). In a graph that must wait
         until the node holds its permissions and locks on the file: ``defer_activation`` leaves it
@@ -211,7 +228,7 @@ class Qcow2Node(BlockNode):
         if l1_bytes:
             await file.read_into(header.l1_table_offset, memoryview(l1_bytes))
         l1 = table_from_bytes(l1_bytes)
-        refcounts = await Refcounts.load(file, header)  # re-pointed at node.file below
+        refcounts = await Refcounts.load(file, header, refcount_cache_size)  # re-pointed at node.file below
         refcounts.fresh_from = (file.size + header.cluster_size - 1) // header.cluster_size
         node = cls(
             file,
@@ -222,6 +239,7 @@ class Qcow2Node(BlockNode):
             read_only=read_only,
             filename=filename,
             node_name=node_name,
+            l2_cache_size=l2_cache_size,
         )
         await node._load_bitmaps()
         if not read_only and not defer_activation:
@@ -470,9 +488,12 @@ class Qcow2Node(BlockNode):
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._require_writable()
         view = memoryview(data).cast("B")
-        in_place: list[tuple[int, memoryview]] = []
         async with self._lock:
-            await self._write_locked(offset, view, in_place)
+            in_place = self._unwritten_data = []
+            try:
+                await self._write_locked(offset, view, in_place)
+            finally:
+                self._unwritten_data = []
             if in_place:
                 self._io_begin()
         if in_place:
@@ -514,32 +535,35 @@ class Qcow2Node(BlockNode):
             table_end = min(end, (l1_index + 1) * self.l2_span)
             l2_offset, table = await self._l2_for_write(l1_index)
             base = l1_index * self.l2_entries
-            while pos < table_end:
-                i = (pos >> bits) - base
-                entry = table[i]
-                if _writable_in_place(entry):
-                    host = entry & OFFSET_MASK
-                    j = i + 1
-                    while (
-                        (base + j) << bits < table_end
-                        and _writable_in_place(table[j])
-                        and table[j] & OFFSET_MASK == host + ((j - i) << bits)
-                    ):
-                        j += 1
-                    run_end = min(table_end, (base + j) << bits)
-                    start_host = host + (pos - ((base + i) << bits))
-                    if in_place is None:
-                        await self.file.write(start_host, view[pos - offset : run_end - offset])
+            with self.l2cache.pinned(l2_offset):  # changed after the awaits of the data writes below
+                while pos < table_end:
+                    i = (pos >> bits) - base
+                    entry = table[i]
+                    if _writable_in_place(entry):
+                        host = entry & OFFSET_MASK
+                        j = i + 1
+                        while (
+                            (base + j) << bits < table_end
+                            and _writable_in_place(table[j])
+                            and table[j] & OFFSET_MASK == host + ((j - i) << bits)
+                        ):
+                            j += 1
+                        run_end = min(table_end, (base + j) << bits)
+                        start_host = host + (pos - ((base + i) << bits))
+                        if in_place is None:
+                            await self.file.write(start_host, view[pos - offset : run_end - offset])
+                        else:
+                            in_place.append((start_host, view[pos - offset : run_end - offset]))
                     else:
-                        in_place.append((start_host, view[pos - offset : run_end - offset]))
-                else:
-                    j = i + 1
-                    while (base + j) << bits < table_end and not _writable_in_place(table[j]) and j - i < max_run:
-                        j += 1
-                    run_end = min(table_end, (base + j) << bits)
-                    await self._write_new_clusters(table, base + i, j - i, pos, run_end, view[pos - offset :], in_place)
-                    self.l2cache.mark_dirty(l2_offset)
-                pos = run_end
+                        j = i + 1
+                        while (base + j) << bits < table_end and not _writable_in_place(table[j]) and j - i < max_run:
+                            j += 1
+                        run_end = min(table_end, (base + j) << bits)
+                        await self._write_new_clusters(
+                            table, base + i, j - i, pos, run_end, view[pos - offset :], in_place
+                        )
+                        self.l2cache.mark_dirty(l2_offset)
+                    pos = run_end
 
     async def _write_new_clusters(
         self,
@@ -749,35 +773,53 @@ class Qcow2Node(BlockNode):
         """Write cached metadata in the order that leaves only leaks after a crash."""
         while self._inflight_io:  # data the new entries point at is written before the entries
             await self._io_idle.wait()
-        wrote_refcounts = await self.refcounts.write_dirty()
+        if self._unwritten_data:  # ... and so is the data of the write that holds the lock now
+            pieces = list(self._unwritten_data)
+            self._unwritten_data.clear()  # written here: the write will not write it again
+            await asyncio.gather(*(self.file.write(host, piece) for host, piece in pieces))
+        await self.refcounts.write_dirty()
         tables_written = False
         if self.l2cache.dirty or self.l1_dirty:
-            if wrote_refcounts:
-                await self.file.flush()
+            if self.refcounts.unflushed:  # written now, or earlier by the refcount cache's eviction
+                await self._barrier()
             wrote_l2 = await self.l2cache.write_dirty()
             if self.l1_dirty:
                 if wrote_l2:
-                    await self.file.flush()
+                    await self._barrier()
                 await self._write_l1()
             tables_written = True
         if self.refcounts.pending_free:
             if tables_written:
-                await self.file.flush()
+                await self._barrier()
             freed = await self.refcounts.apply_frees()
             self._compressed_cache = None
             for start, count in freed:
                 await self.file.discard(start << self.cluster_bits, count << self.cluster_bits)
             await self.refcounts.write_dirty()
 
+    async def _barrier(self) -> None:
+        """Flush the file: what was written before is on disk before anything written after."""
+        self.refcounts.unflushed = False  # cleared first: a refcount written during the flush counts again
+        try:
+            await self.file.flush()
+        except BaseException:
+            self.refcounts.unflushed = True
+            raise
+
     async def _write_l1(self) -> None:
-        for first, last in _runs(sorted(self.l1_dirty)):
-            data = table_to_bytes(self.l1[first : last + 1])
-            await self.file.write(self.header.l1_table_offset + first * 8, data)
-        self.l1_dirty.clear()
+        indices = sorted(self.l1_dirty)
+        self.l1_dirty.clear()  # an entry changed while the writes are in flight is dirty again
+        try:
+            for first, last in _runs(indices):
+                data = table_to_bytes(self.l1[first : last + 1])
+                await self.file.write(self.header.l1_table_offset + first * 8, data)
+        except BaseException:
+            self.l1_dirty.update(indices)
+            raise
 
     async def _flush_locked(self) -> None:
         await self._writeback()
-        await self.file.flush()
+        await self._barrier()
 
     async def flush(self) -> None:
         if self.read_only or self.closed:
@@ -863,21 +905,26 @@ class Qcow2Node(BlockNode):
     async def _is_metadata_preallocated(self) -> bool:
         """qemu's qcow2_detect_metadata_preallocation: the refcounts claim clearly more clusters
         (10/9, at least 2 more) than the file really has allocated."""
-        if self._metadata_preallocated is None:
-            fd = getattr(self.file_node, "fd", None)
-            result = False
-            if fd is not None:
-                st = os.fstat(fd)
-                real_clusters = st.st_blocks * 512 // self.cluster_size
-                threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-                counted = 0
-                for cluster in range(-(-st.st_size // self.cluster_size)):
-                    counted += bool(await self.refcounts.get(cluster))
-                    if counted >= threshold:
-                        result = True
-                        break
-            self._metadata_preallocated = result
+        if self._metadata_preallocated is not None:
+            return self._metadata_preallocated
+        async with self._lock:  # the walk loads (and evicts) refcount blocks that writers are changing
+            if self._metadata_preallocated is None:  # or another walk decided while this one waited
+                self._metadata_preallocated = await self._scan_for_metadata_preallocation()
         return self._metadata_preallocated
+
+    async def _scan_for_metadata_preallocation(self) -> bool:
+        fd = getattr(self.file_node, "fd", None)
+        if fd is None:
+            return False
+        st = os.fstat(fd)
+        real_clusters = st.st_blocks * 512 // self.cluster_size
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        counted = 0
+        for cluster in range(-(-st.st_size // self.cluster_size)):
+            counted += bool(await self.refcounts.get(cluster))
+            if counted >= threshold:
+                return True
+        return False
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         extents: list[Extent] = []

@@ -7,6 +7,13 @@ write-back, and decrements are not applied at all until the L2/L1 tables that dr
 references have been written (:meth:`Refcounts.free_later` queues them). A crash at any moment
 then leaves at most clusters whose refcount is too high: leaks, which ``check -r leaks`` repairs,
 never a referenced cluster that could be handed out twice.
+
+Concurrency: every method is called with the owning node's metadata lock held (allocation finds
+free clusters, then counts them: two allocators interleaving there would get the same clusters).
+The block cache is nonetheless safe across its own awaits: a block's dirty flag is cleared
+*before* its write starts (so a change made while the write is in flight marks it dirty again,
+and a failed write marks it again), a block is only dropped from the cache while it is clean, and
+a load that finds the block cached by the time its read returns keeps the cached copy.
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ def new_block(entries: int, bits: int) -> array:
     return array(_TYPECODES.get(bits, "B"), bytes(entries * array(_TYPECODES.get(bits, "B")).itemsize))
 
 
+#: blocks cached when the owner does not say (qemu keeps 4; a Python block costs little more than its bytes)
+DEFAULT_CACHE_BYTES = 32 << 20
+MIN_CACHED_BLOCKS = 4  # qemu's MIN_REFCOUNT_CACHE_SIZE
+
+
+def cached_blocks(cache_bytes: int | None, cluster_size: int) -> int:
+    """How many refcount blocks a cache of ``cache_bytes`` holds (None: the default), at least qemu's 4."""
+    if cache_bytes is None:
+        return max(64, DEFAULT_CACHE_BYTES // cluster_size)
+    return max(MIN_CACHED_BLOCKS, cache_bytes // cluster_size)
+
+
 class Refcounts:
     """Refcounts of one image, with a write-back cache of refcount blocks."""
 
@@ -69,19 +88,27 @@ class Refcounts:
         #: clusters from here on have never been allocated since the image was opened, and lie past
         #: what the file held then: they read as zeroes until written (set by the owner at open)
         self.fresh_from = 1 << 62
-        self.max_cached_blocks = max_cached_blocks or max(64, (32 << 20) // self.cluster_size)
+        #: a soft limit: blocks that are dirty stay cached until written (see :meth:`_make_room`)
+        self.max_cached_blocks = max_cached_blocks or cached_blocks(None, self.cluster_size)
+        #: refcounts were written since the owner's last flush of the file: the owner must flush
+        #: before writing an L2 or L1 entry that relies on them (eviction writes blocks at any time)
+        self.unflushed = False
+        #: (offset, clusters) of a bigger table not yet named by the header (see :meth:`_move_table`)
+        self.moving_to: tuple[int, int] | None = None
 
     @property
     def file(self) -> BlockNode:
         return self._file()
 
     @classmethod
-    async def load(cls, file: BlockNode | Callable[[], BlockNode], header: Header) -> Refcounts:
+    async def load(
+        cls, file: BlockNode | Callable[[], BlockNode], header: Header, cache_bytes: int | None = None
+    ) -> Refcounts:
         node = file() if callable(file) else file
         size = header.refcount_table_clusters * header.cluster_size
         buf = bytearray(size)
         await node.read_into(header.refcount_table_offset, memoryview(buf))
-        return cls(file, header, table_from_bytes(buf))
+        return cls(file, header, table_from_bytes(buf), cached_blocks(cache_bytes, header.cluster_size))
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -106,19 +133,40 @@ class Refcounts:
             raise BlockError(errno.EIO, f"qcow2: refcount block {index} at unaligned offset {offset:#x}")
         buf = bytearray(self.cluster_size)
         await self.file.read_into(offset, memoryview(buf))
+        await self._make_room()
+        cached = self.blocks.get(index)
+        if cached is not None:  # loaded (and perhaps changed) by someone else meanwhile: theirs counts
+            self.blocks.move_to_end(index)
+            return cached
         blk = decode_block(buf, self.bits)
-        await self._insert(index, blk)
+        self.blocks[index] = blk
         return blk
 
-    async def _insert(self, index: int, blk: array) -> None:
+    async def _insert_new(self, index: int, blk: array) -> None:
+        """Cache a block that exists nowhere else yet (dirty: it must reach the disk)."""
+        await self._make_room()
         self.blocks[index] = blk
-        while len(self.blocks) > self.max_cached_blocks:
-            old, old_blk = next(iter(self.blocks.items()))
-            if old in self.dirty_blocks:
-                # early writing of a block is always safe: increments may reach the disk at any time,
-                # and decrements are only ever applied after the tables that dropped them
-                await self._write_block(old, old_blk)
-            del self.blocks[old]
+        self.dirty_blocks.add(index)
+
+    async def _make_room(self) -> None:
+        """Drop the least recently used clean block(s) until one more fits.
+
+        If every cached block is dirty, the oldest ones are written first: early writing of a
+        block is always safe (increments may reach the disk at any time, and decrements are only
+        ever applied after the tables that dropped them). A block changed again while its write
+        was in flight is dirty again and stays; if that keeps happening the cache grows past its
+        limit rather than lose the change."""
+        written: set[int] = set()
+        while len(self.blocks) >= self.max_cached_blocks:
+            victim = next((index for index in self.blocks if index not in self.dirty_blocks), None)
+            if victim is not None:
+                del self.blocks[victim]
+                continue
+            oldest = next((index for index in self.blocks if index not in written), None)
+            if oldest is None:
+                return
+            written.add(oldest)
+            await self._write_block(oldest, self.blocks[oldest])
 
     async def get(self, cluster: int) -> int:
         blk = await self.block(cluster // self.per_block)
@@ -186,10 +234,9 @@ class Refcounts:
             blk = new_block(self.per_block, self.bits)
             blk[place - missing * self.per_block] = 1
             self.fresh_from = max(self.fresh_from, place + 1)
+            await self._insert_new(missing, blk)
             self.table[missing] = place * self.cluster_size
             self.dirty_table.add(missing)
-            self.dirty_blocks.add(missing)
-            await self._insert(missing, blk)
 
     def _first_missing_block(self, start: int, count: int) -> int | None:
         for bi in range(start // self.per_block, (start + count - 1) // self.per_block + 1):
@@ -202,20 +249,42 @@ class Refcounts:
         per_cluster = self.cluster_size // 8
         entries = max(min_entries, len(self.table) * 3 // 2 + 1)
         entries = (entries + per_cluster - 1) // per_cluster * per_cluster
-        old_offset = self.header.refcount_table_offset
-        old_clusters = self.header.refcount_table_clusters
         self.table.extend(array("Q", bytes(8 * (entries - len(self.table)))))
         new_clusters = entries // per_cluster
-        offset = await self.alloc(new_clusters)
+        offset = await self.alloc(new_clusters)  # may need new blocks itself: their entries are in the new table
+        if self.moving_to is not None:  # an earlier move that failed: its place was never used
+            self.free_later(self.moving_to[0] // self.cluster_size, self.moving_to[1])
+        self.moving_to = (offset, new_clusters)
+        await self._move_table()
+
+    async def _move_table(self) -> None:
+        """Write the whole table at its new place, then switch the header to it.
+
+        Until the header names the new place, no entry may be written to the old one (the new
+        entries lie past its end): a move that failed stays pending in ``moving_to``, and the next
+        :meth:`write_dirty` tries it again."""
+        assert self.moving_to is not None
+        offset, clusters = self.moving_to
         await self.write_dirty(table_too=False)  # the blocks the new table names exist first
+        self.dirty_table.clear()  # the whole table is written; changes from here on are dirty again
         await self.file.write(offset, table_to_bytes(self.table))
-        await self.file.flush()
-        await self.file.write(48, struct.pack(">QI", offset, new_clusters))
-        await self.file.flush()
+        await self._barrier()
+        await self.file.write(48, struct.pack(">QI", offset, clusters))
+        await self._barrier()
+        old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
         self.header.refcount_table_offset = offset
-        self.header.refcount_table_clusters = new_clusters
-        self.dirty_table.clear()
+        self.header.refcount_table_clusters = clusters
+        self.moving_to = None
         self.free_later(old_offset // self.cluster_size, old_clusters)
+
+    async def _barrier(self) -> None:
+        """Flush the file: every refcount written so far is on disk afterwards."""
+        self.unflushed = False
+        try:
+            await self.file.flush()
+        except BaseException:
+            self.unflushed = True
+            raise
 
     async def _add(self, start: int, count: int, delta: int) -> list[tuple[int, int]]:
         """Change counts; return the (start, count) runs of clusters whose count became 0."""
@@ -269,33 +338,44 @@ class Refcounts:
     # -- write-back ------------------------------------------------------------------------------
 
     async def _write_block(self, index: int, blk: array) -> None:
+        """Write one block as it is now; a change made while the write is in flight (or a failed
+        write) leaves it dirty."""
         offset = self.block_offset(index)
-        await self.file.write(offset, encode_block(blk, self.bits))
+        data = encode_block(blk, self.bits)
         self.dirty_blocks.discard(index)
+        self.unflushed = True
+        try:
+            await self.file.write(offset, data)
+        except BaseException:
+            self.dirty_blocks.add(index)
+            raise
 
     async def write_dirty(self, table_too: bool = True) -> bool:
         """Write dirty blocks, then the table entries that name new blocks. True if anything was written."""
         wrote = False
         for index in sorted(self.dirty_blocks):
-            blk = self.blocks.get(index)
-            if blk is not None:
-                await self._write_block(index, blk)
+            if index in self.dirty_blocks:  # not written by an eviction meanwhile
+                await self._write_block(index, self.blocks[index])  # a dirty block is never evicted
                 wrote = True
-        self.dirty_blocks.clear()
+        if table_too and self.moving_to is not None:
+            await self._move_table()
+            return True
         if table_too and self.dirty_table:
-            for first, last in _runs(sorted(self.dirty_table)):
-                data = table_to_bytes(self.table[first : last + 1])
-                await self.file.write(self.header.refcount_table_offset + first * 8, data)
-            self.dirty_table.clear()
+            indices, self.dirty_table = sorted(self.dirty_table), set()
+            self.unflushed = True
+            try:
+                for first, last in _runs(indices):
+                    data = table_to_bytes(self.table[first : last + 1])
+                    await self.file.write(self.header.refcount_table_offset + first * 8, data)
+            except BaseException:
+                self.dirty_table.update(indices)
+                raise
             wrote = True
         return wrote
 
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_blocks or self.dirty_table)
-
-    def clear_cache(self) -> None:
-        self.blocks.clear()
+        return bool(self.dirty_blocks or self.dirty_table or self.moving_to)
 
 
 def _runs(indices: list[int]):
