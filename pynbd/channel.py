@@ -12,7 +12,7 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 Buffer = bytes | bytearray | memoryview
 READ_CHUNK = 256 * 1024
@@ -47,6 +47,27 @@ class SocketChannel:
 
     async def recv_into(self, view: memoryview) -> int:
         return await self.loop.sock_recv_into(self.sock, view)
+
+    def recv_into_now(self, view: memoryview) -> int | None:
+        """Receive what has arrived, at once: ``None`` if nothing has (0 is the peer's EOF).
+
+        The bytes are written before this returns, never later from a callback, which is what
+        lets a reader decide right up to the write whether the destination is still its to fill.
+        """
+        try:
+            return self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    async def wait_readable(self) -> None:
+        """Wait until a receive may find data (or the EOF); touches no buffer."""
+        fut = self.loop.create_future()
+        fd = self.sock.fileno()
+        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_reader(fd)
 
     async def _writable(self) -> None:
         fut = self.loop.create_future()
@@ -160,6 +181,26 @@ class TLSChannel:
             except ssl.SSLEOFError:
                 return 0
 
+    def recv_into_now(self, view: memoryview) -> int | None:
+        """As :meth:`SocketChannel.recv_into_now`: decrypt what has arrived into ``view``, or ``None``."""
+        while True:
+            try:
+                return self.tls.read(len(view), view)
+            except ssl.SSLWantReadError:
+                n = self.raw.recv_into_now(memoryview(self._recv_buf))
+                if n is None:
+                    return None
+                if n == 0:
+                    self.incoming.write_eof()
+                else:
+                    self.incoming.write(memoryview(self._recv_buf)[:n])
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    async def wait_readable(self) -> None:
+        await self._flush()  # reading may have produced TLS records the peer waits for
+        await self.raw.wait_readable()
+
     async def send(self, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
             view = memoryview(buf).cast("B")
@@ -225,17 +266,21 @@ class BufferedReader:
             raise ConnectionClosed()
         self._end += n
 
-    async def readexactly(self, n: int) -> bytes:
-        if n > len(self._buf):
-            out = bytearray(n)
-            await self.readinto(memoryview(out))
-            return bytes(out)
+    async def _buffer_at_least(self, n: int) -> None:
+        """Receive until ``n`` bytes (at most the buffer's size) are buffered."""
         while self._end - self._start < n:
             if len(self._buf) - self._start < n:  # not enough room after start: compact
                 pending = self._end - self._start
                 self._view[:pending] = self._view[self._start : self._end]
                 self._start, self._end = 0, pending
             await self._fill()
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > len(self._buf):
+            out = bytearray(n)
+            await self.readinto(memoryview(out))
+            return bytes(out)
+        await self._buffer_at_least(n)
         data = bytes(self._view[self._start : self._start + n])
         self._start += n
         return data
@@ -247,12 +292,7 @@ class BufferedReader:
         every header a pipelining client has sent; large payloads bypass it after what is buffered.
         """
         if len(view) <= SMALL_READ:
-            while self._end - self._start < len(view):
-                if len(self._buf) - self._start < len(view):
-                    pending = self._end - self._start
-                    self._view[:pending] = self._view[self._start : self._end]
-                    self._start, self._end = 0, pending
-                await self._fill()
+            await self._buffer_at_least(len(view))
         have = min(self._end - self._start, len(view))
         if have:
             view[:have] = self._view[self._start : self._start + have]
@@ -264,6 +304,37 @@ class BufferedReader:
                 if done:
                     raise ConnectionClosed(f"connection closed by peer after {done} of {len(view)} bytes", partial=True)
                 raise ConnectionClosed()
+            done += n
+
+    async def readinto_revocable(self, view: memoryview, revoked: Callable[[], bool]) -> None:
+        """Fill ``view`` as :meth:`readinto` does, for an owner that may take it back at any await.
+
+        ``revoked()`` is asked right before every write into ``view``, and the write follows the
+        answer without yielding to the event loop in between; once it says yes, the rest of the
+        payload is received and dropped, so the stream stays in step and ``view`` is not touched
+        again. (An NBD client's READ reply for a request whose caller was cancelled.)
+        """
+        size = len(view)
+        if size <= SMALL_READ:
+            await self._buffer_at_least(size)
+            if not revoked():
+                view[:] = self._view[self._start : self._start + size]
+            self._start += size
+            return
+        done = min(self._end - self._start, size)
+        if done and not revoked():
+            view[:done] = self._view[self._start : self._start + done]
+        self._start += done
+        while done < size:
+            if revoked():
+                await self.skip(size - done)
+                return
+            n = self.channel.recv_into_now(view[done:])
+            if n is None:
+                await self.channel.wait_readable()
+                continue
+            if n == 0:
+                raise ConnectionClosed(f"connection closed by peer after {done} of {size} bytes", partial=True)
             done += n
 
     async def skip(self, n: int) -> None:

@@ -22,41 +22,55 @@ def workdir(tmp_path: Path) -> Path:
         pass
 
 
-def _servers(workdir, launch):
-    """A fixture body: a starter for servers of one kind, every one stopped after the test."""
-    servers = []
+@pytest.fixture
+def _started(workdir):
+    """Every server and daemon a test started, stopped after it: the daemons first.
+
+    A daemon's nbd nodes are clients of the servers (nbdkit, qemu-nbd, pynbd serve), and a
+    server told to stop while a client still has requests in flight waits for them, until its
+    stop timeout runs out; so clients go before servers, whatever order the test's fixtures
+    were set up in. Within each group the last started stops first (it may use an earlier one).
+    Set up after ``workdir``, so the processes are gone before their directory is cleaned.
+    """
+    daemons: list = []
+    servers: list = []
+    yield daemons, servers
+    for process in [*reversed(daemons), *reversed(servers)]:
+        process.stop()
+
+
+def _starter(workdir, group: list, launch):
+    """A fixture's starter for processes of one kind; ``_started`` stops them after the test."""
 
     def start(*args, **kwargs):
-        server = launch(workdir, *args, **kwargs)
-        servers.append(server)
-        return server
+        process = launch(workdir, *args, **kwargs)
+        group.append(process)
+        return process
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 @pytest.fixture
-def start_pynbd(workdir):
-    yield from _servers(workdir, pynbd_server)
+def start_pynbd(workdir, _started):
+    return _starter(workdir, _started[1], pynbd_server)
 
 
 @pytest.fixture
-def start_qemu_nbd(workdir):
-    yield from _servers(workdir, qemu_nbd_server)
+def start_qemu_nbd(workdir, _started):
+    return _starter(workdir, _started[1], qemu_nbd_server)
 
 
 @pytest.fixture
-def start_nbdkit(workdir):
-    yield from _servers(workdir, nbdkit_server)
+def start_nbdkit(workdir, _started):
+    return _starter(workdir, _started[1], nbdkit_server)
 
 
 @pytest.fixture
-def start_daemon(workdir):
+def start_daemon(workdir, _started):
     """Start ``pynbd daemon`` or ``qemu-storage-daemon`` (kind "pynbd" or "qsd"); stopped after the test."""
     from tests.daemons import start_daemon as start
 
-    yield from _servers(workdir, lambda tmp, kind, *options, **kwargs: start(kind, tmp, *options, **kwargs))
+    return _starter(workdir, _started[0], lambda tmp, kind, *options, **kwargs: start(kind, tmp, *options, **kwargs))
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ class Daemon:
     nbd_path: str
     log_path: Path
     qmp: QEMUMonitorProtocol = field(init=False)
+    backlog: list[dict] = field(init=False, default_factory=list)  # pulled, not yet asked for: oldest first
 
     def __post_init__(self) -> None:
         # qemu-storage-daemon 7.2 now and then greets a client that connected while it was starting
@@ -64,20 +65,46 @@ class Daemon:
         assert "error" in reply, f"{self.kind}: {command} {args} unexpectedly succeeded"
         return reply["error"]["desc"]
 
-    def events_until(self, name: str, job: str | None = None, timeout: float = 60) -> list[dict]:
-        """The events that arrive up to and including the first ``name`` (for ``job``, if given)."""
-        seen: list[dict] = []
+    @staticmethod
+    def _is(event: dict, name: str, job: str | None) -> bool:
+        data = event.get("data", {})
+        return event["event"] == name and (job is None or data.get("device", data.get("id")) == job)
+
+    def _find(self, name: str, job: str | None, timeout: float) -> int:
+        """Index in :attr:`backlog` of the first event ``name`` (for ``job``), pulling more as needed."""
+        for index, event in enumerate(self.backlog):
+            if self._is(event, name, job):
+                return index
         while True:
-            event = self.qmp.pull_event(wait=timeout)
-            assert event is not None, f"{self.kind}: no {name} within {timeout}s; saw {[e['event'] for e in seen]}"
-            seen.append(event)
-            data = event.get("data", {})
-            if event["event"] == name and (job is None or data.get("device", data.get("id")) == job):
-                return seen
+            try:  # legacy pull_event waits forever unless ``wait`` is a float; past it, it raises
+                event = self.qmp.pull_event(wait=float(timeout))
+            except TimeoutError:
+                event = None
+            assert event is not None, (
+                f"{self.kind}: no {name} within {timeout}s; saw {[e['event'] for e in self.backlog]}"
+            )
+            self.backlog.append(event)
+            if self._is(event, name, job):
+                return len(self.backlog) - 1
+
+    def events_until(self, name: str, job: str | None = None, timeout: float = 60) -> list[dict]:
+        """The events up to and including the first ``name`` (for ``job``, if given), in order.
+
+        They are consumed; the search starts with the events that earlier :meth:`wait_event`
+        calls pulled but did not ask for.
+        """
+        index = self._find(name, job, timeout)
+        seen = self.backlog[: index + 1]
+        del self.backlog[: index + 1]
+        return seen
 
     def wait_event(self, name: str, job: str | None = None, timeout: float = 60) -> dict:
-        """The first event ``name`` (for ``job``, if given); earlier events are dropped."""
-        return self.events_until(name, job, timeout)[-1]
+        """The first event ``name`` (for ``job``, if given); only it is consumed.
+
+        Events of other jobs (or other kinds) that arrive first stay in :attr:`backlog`, in
+        order, for later calls: one job's READY may well come before another's COMPLETED.
+        """
+        return self.backlog.pop(self._find(name, job, timeout))
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

@@ -58,14 +58,18 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class ScriptedServer:
-    """Negotiates like a structured-reply server, then replies to each request with ``answer``."""
+    """Negotiates like a structured-reply server, then replies to each request with ``answer``.
 
-    def __init__(self, workdir: Path, answer) -> None:
+    Subclasses script the transmission phase differently by overriding :meth:`_transmission`.
+    """
+
+    def __init__(self, workdir: Path, answer=None, flags: int = FLAGS) -> None:
         self.path = str(workdir / "fake.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(1)
         self.answer = answer
+        self.flags = flags
         self.saw_eof = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -78,29 +82,35 @@ class ScriptedServer:
         conn, _ = self.listener.accept()
         with conn:
             try:
-                conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
-                _recv_exact(conn, 4)
-                while True:
-                    _, option, length = OPTION_HEADER.unpack(_recv_exact(conn, OPTION_HEADER.size))
-                    _recv_exact(conn, length)
-                    if option == Opt.SET_META_CONTEXT:
-                        meta = encode_rep_meta_context(7, "base:allocation")
-                        conn.sendall(encode_option_reply(option, Rep.META_CONTEXT, meta))
-                    elif option == Opt.GO:
-                        conn.sendall(encode_option_reply(option, Rep.INFO, encode_info_export(SIZE, FLAGS)))
-                    conn.sendall(encode_option_reply(option, Rep.ACK))
-                    if option == Opt.GO:
-                        break
-                while True:
-                    request = decode_request(_recv_exact(conn, REQUEST.size))
-                    reply = self.answer(request)
-                    if isinstance(reply, tuple):  # (bytes, "close"): send, then hang up
-                        conn.sendall(reply[0])
-                        conn.shutdown(socket.SHUT_WR)
-                        reply = b""
-                    conn.sendall(reply)
+                self._negotiate(conn)
+                self._transmission(conn)
             except (EOFError, ConnectionError):
                 self.saw_eof.set()
+
+    def _negotiate(self, conn: socket.socket) -> None:
+        conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+        _recv_exact(conn, 4)
+        while True:
+            _, option, length = OPTION_HEADER.unpack(_recv_exact(conn, OPTION_HEADER.size))
+            _recv_exact(conn, length)
+            if option == Opt.SET_META_CONTEXT:
+                meta = encode_rep_meta_context(7, "base:allocation")
+                conn.sendall(encode_option_reply(option, Rep.META_CONTEXT, meta))
+            elif option == Opt.GO:
+                conn.sendall(encode_option_reply(option, Rep.INFO, encode_info_export(SIZE, self.flags)))
+            conn.sendall(encode_option_reply(option, Rep.ACK))
+            if option == Opt.GO:
+                return
+
+    def _transmission(self, conn: socket.socket) -> None:
+        while True:
+            request = decode_request(_recv_exact(conn, REQUEST.size))
+            reply = self.answer(request)
+            if isinstance(reply, tuple):  # (bytes, "close"): send, then hang up
+                conn.sendall(reply[0])
+                conn.shutdown(socket.SHUT_WR)
+                reply = b""
+            conn.sendall(reply)
 
     def close(self) -> None:
         self.listener.close()

@@ -5,6 +5,13 @@ the waiting requests, and receives read payloads straight into the caller's buff
 OFFSET_DATA chunks land at their offset, OFFSET_HOLE chunks are zero-filled in place). Anything
 that breaks the protocol fails every pending request with :class:`ProtocolViolation` and closes
 the connection: a misbehaving server costs an exception, never a hang.
+
+A caller may stop waiting (its task is cancelled, a timeout runs out) while its request is on
+the wire. The request is then *abandoned*, not forgotten: its reply is still received, in step,
+and dropped; nothing of it is written into the caller's buffer any more, which the caller is
+free to reuse at once (a server's pooled reply buffer, say). It also keeps its slot among the
+``max_requests`` until that reply (or the connection's end) arrives, so the server never has
+more requests to answer than the limit.
 """
 
 from __future__ import annotations
@@ -103,6 +110,15 @@ class _Pending:
     covered: list[tuple[int, int]] = field(default_factory=list)  # READ: content chunks seen
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # BLOCK_STATUS by context id
     error: BaseException | None = None
+    abandoned: bool = False  # the caller stopped waiting: the reply is received and dropped
+
+    def abandon(self) -> None:
+        """The caller gave up: its buffer is no longer ours to write."""
+        self.abandoned = True
+        self.buffer = None
+
+    def is_abandoned(self) -> bool:
+        return self.abandoned
 
 
 def _zero_fill(view: memoryview) -> None:
@@ -132,9 +148,11 @@ class Client:
         self._structured = False
         self._tls = False
         self._protocol = "newstyle-fixed"
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}  # sent and not yet answered, abandoned ones included
         self._cookies = itertools.count(1)
-        self._slots = asyncio.Semaphore(max_requests)
+        self._slots = asyncio.Semaphore(max_requests)  # one per entry of _pending, or per request about to be
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._send_lock = asyncio.Lock()
         self._reader_task: asyncio.Task | None = None
         self._dead: BaseException | None = None
@@ -236,7 +254,16 @@ class Client:
 
     @property
     def in_flight(self) -> int:
+        """Requests sent and not yet answered, including those whose callers gave up waiting."""
         return len(self._pending)
+
+    async def wait_idle(self) -> None:
+        """Wait until every request sent has been answered (abandoned ones too) or the connection ended.
+
+        After a caller gave up on requests, this is the point from which the server has nothing
+        of them left to send.
+        """
+        await self._idle.wait()
 
     @property
     def closed(self) -> bool:
@@ -433,11 +460,18 @@ class Client:
         payload: memoryview | bytes | None = None,
         buffer: memoryview | None = None,
     ) -> _Pending:
-        """Send one request and wait for its complete reply."""
+        """Send one request and wait for its complete reply.
+
+        The slot taken here belongs to the request from the moment it is registered in
+        ``_pending``: :meth:`_retire` gives it back when the reply has been received (or
+        :meth:`_fail` when the connection ends), never the caller. A caller cancelled while
+        waiting abandons the request, whose reply is then received and dropped.
+        """
         if self._dead is not None:
             raise NBDConnectionError(f"connection is closed: {self._dead}") from self._dead
         self._need_transmission()
         await self._slots.acquire()
+        registered = False
         try:
             if self._dead is not None:
                 raise NBDConnectionError(f"connection is closed: {self._dead}") from self._dead
@@ -449,6 +483,8 @@ class Client:
                 if self._dead is not None:
                     raise NBDConnectionError(f"connection is closed: {self._dead}") from self._dead
                 self._pending[cookie] = pending
+                self._idle.clear()
+                registered = True
                 try:
                     await self.channel.send([header, payload] if payload is not None else [header])
                 except asyncio.CancelledError:
@@ -457,10 +493,15 @@ class Client:
                     raise
                 except (OSError, ssl.SSLError) as exc:
                     self._fail(NBDConnectionError(f"sending to the server failed: {exc}"))
-            await future
-            return pending
         finally:
-            self._slots.release()
+            if not registered:
+                self._slots.release()
+        try:
+            await future
+        except asyncio.CancelledError:
+            pending.abandon()
+            raise
+        return pending
 
     def _check_range(self, count: int, offset: int) -> None:
         if count < 0 or offset < 0:
@@ -662,6 +703,13 @@ class Client:
 
     # -- transmission: receiving -----------------------------------------------------------------
 
+    def _retire(self, cookie: int) -> None:
+        """The reply to ``cookie`` has been received: its slot is free for another request."""
+        del self._pending[cookie]
+        self._slots.release()
+        if not self._pending:
+            self._idle.set()
+
     def _fail(self, exc: BaseException) -> None:
         """The connection is unusable: fail everything pending and close it."""
         if self._dead is None:
@@ -672,7 +720,9 @@ class Client:
             if not pending.future.done():
                 pending.future.set_exception(exc)
                 pending.future.exception()  # retrieved: nobody may be waiting for it any more
+            self._slots.release()
         self._pending.clear()
+        self._idle.set()
         self.channel.close()
 
     async def _read_replies(self) -> None:
@@ -714,7 +764,7 @@ class Client:
             elif pending.cmd == Cmd.READ:
                 if self._structured:
                     raise ProtocolViolation("simple reply with data to a READ after structured replies")
-                await self.reader.readinto(pending.buffer)  # type: ignore[arg-type]
+                await self._receive_data(pending, 0, pending.length)
             elif pending.cmd == Cmd.BLOCK_STATUS:
                 raise ProtocolViolation("simple success reply to BLOCK_STATUS")
             self._complete(cookie, pending)
@@ -778,8 +828,15 @@ class Client:
                 f"OFFSET_DATA [{offset}, {offset + data_len}) outside the request "
                 f"[{pending.offset}, {pending.offset + pending.length})"
             )
-        await self.reader.readinto(pending.buffer[start : start + data_len])  # type: ignore[index]
+        await self._receive_data(pending, start, data_len)
         pending.covered.append((start, data_len))
+
+    async def _receive_data(self, pending: _Pending, start: int, length: int) -> None:
+        """Receive READ data for ``buffer[start:start+length]``; dropped if the caller gives up meanwhile."""
+        if pending.buffer is None:
+            await self.reader.skip(length)
+            return
+        await self.reader.readinto_revocable(pending.buffer[start : start + length], pending.is_abandoned)
 
     async def _offset_hole(self, pending: _Pending, length: int) -> None:
         if pending.cmd != Cmd.READ:
@@ -793,7 +850,8 @@ class Client:
                 f"OFFSET_HOLE [{offset}, {offset + hole}) outside the request "
                 f"[{pending.offset}, {pending.offset + pending.length})"
             )
-        _zero_fill(pending.buffer[start : start + hole])  # type: ignore[index]
+        if pending.buffer is not None:  # else abandoned: nothing to fill
+            _zero_fill(pending.buffer[start : start + hole])
         pending.covered.append((start, hole))
 
     def _complete(self, cookie: int, pending: _Pending) -> None:
@@ -811,9 +869,10 @@ class Client:
             for context_id, extents in pending.extents.items():
                 if len(extents) > 1 and sum(n for n, _ in extents[:-1]) >= pending.length:
                     raise ProtocolViolation(f"block status for context id {context_id} runs past the request")
-        del self._pending[cookie]
+        self._retire(cookie)
         future = pending.future
         if future.done():  # the caller gave up waiting (cancelled); the reply is consumed anyway
+            log.debug("dropped the reply to abandoned request %#x (%s)", cookie, Cmd(pending.cmd).name)
             return
         if pending.error is not None:
             future.set_exception(pending.error)
