@@ -66,14 +66,19 @@ class Daemon:
         return reply["error"]["desc"]
 
     @staticmethod
-    def _is(event: dict, name: str, job: str | None) -> bool:
+    def _is(event: dict, name: str, job: str | None, status: str | None = None) -> bool:
         data = event.get("data", {})
-        return event["event"] == name and (job is None or data.get("device", data.get("id")) == job)
+        return (
+            event["event"] == name
+            and (job is None or data.get("device", data.get("id")) == job)
+            and (status is None or data.get("status") == status)
+        )
 
-    def _find(self, name: str, job: str | None, timeout: float) -> int:
-        """Index in :attr:`backlog` of the first event ``name`` (for ``job``), pulling more as needed."""
+    def _find(self, name: str, job: str | None, timeout: float, status: str | None = None) -> int:
+        """Index in :attr:`backlog` of the first event ``name`` (for ``job``, with ``status``),
+        pulling more as needed."""
         for index, event in enumerate(self.backlog):
-            if self._is(event, name, job):
+            if self._is(event, name, job, status):
                 return index
         while True:
             try:  # legacy pull_event waits forever unless ``wait`` is a float; past it, it raises
@@ -84,7 +89,7 @@ class Daemon:
                 f"{self.kind}: no {name} within {timeout}s; saw {[e['event'] for e in self.backlog]}"
             )
             self.backlog.append(event)
-            if self._is(event, name, job):
+            if self._is(event, name, job, status):
                 return len(self.backlog) - 1
 
     def events_until(self, name: str, job: str | None = None, timeout: float = 60) -> list[dict]:
@@ -98,13 +103,13 @@ class Daemon:
         del self.backlog[: index + 1]
         return seen
 
-    def wait_event(self, name: str, job: str | None = None, timeout: float = 60) -> dict:
-        """The first event ``name`` (for ``job``, if given); only it is consumed.
+    def wait_event(self, name: str, job: str | None = None, timeout: float = 60, status: str | None = None) -> dict:
+        """The first event ``name`` (for ``job``, and with data ``status``, if given); only it is consumed.
 
         Events of other jobs (or other kinds) that arrive first stay in :attr:`backlog`, in
         order, for later calls: one job's READY may well come before another's COMPLETED.
         """
-        return self.backlog.pop(self._find(name, job, timeout))
+        return self.backlog.pop(self._find(name, job, timeout, status))
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

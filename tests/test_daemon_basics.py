@@ -65,8 +65,7 @@ def test_exports_come_and_go_while_others_serve(kind, start_daemon, image):
     daemon.ok("block-export-del", id="e1")
     assert h.pread(65536, MiB) == b"\xab" * 65536  # the first export's client never noticed
     h.shutdown()
-    event = daemon.qmp.pull_event(wait=30)
-    assert event["event"] == "BLOCK_EXPORT_DELETED" and event["data"] == {"id": "e1"}
+    assert daemon.wait_event("BLOCK_EXPORT_DELETED", timeout=30)["data"] == {"id": "e1"}
 
 
 def test_blockdev_create_refuses_qcow2_options_it_cannot_honour(start_daemon, workdir):
@@ -78,10 +77,7 @@ def test_blockdev_create_refuses_qcow2_options_it_cannot_honour(start_daemon, wo
         daemon.ok(
             "blockdev-create", **{"job-id": job_id}, options={"driver": "qcow2", "file": "f", "size": MiB, **extra}
         )
-        while True:
-            event = daemon.qmp.pull_event(wait=30)
-            if event["event"] == "JOB_STATUS_CHANGE" and event["data"]["status"] == "concluded":
-                break
+        daemon.wait_event("JOB_STATUS_CHANGE", job_id, timeout=30, status="concluded")
         [job] = daemon.ok("query-jobs")
         assert "not supported" in job["error"]
         daemon.ok("job-dismiss", id=job_id)

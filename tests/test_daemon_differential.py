@@ -70,12 +70,7 @@ class Recorder:
             self.exports[name] = data_defined
 
     def wait_job(self, job_id: str) -> None:
-        while True:
-            event = self.daemon.qmp.pull_event(wait=60)
-            assert event is not None, f"{self.daemon.kind}: job {job_id} never concluded"
-            data = event.get("data", {})
-            if event["event"] == "JOB_STATUS_CHANGE" and data.get("id") == job_id and data["status"] == "concluded":
-                break
+        self.daemon.wait_event("JOB_STATUS_CHANGE", job_id, status="concluded")
         [job] = [j for j in self.daemon.ok("query-jobs") if j["id"] == job_id]
         self.log.append(("job", job_id, "error" if "error" in job else "ok"))
         self.qmp("job-dismiss", id=job_id)

@@ -63,8 +63,7 @@ def test_a_job_and_another_holder_freeze_the_same_link(chain, workdir):
     assert chain.ok("x-pynbd-freeze-link", **{"node-name": "top", "child": "backing"}) == {"freeze-count": 2}
     assert "frozen" in repoint(chain, "other")["error"]["desc"]
     chain.ok("block-job-cancel", device="s", force=True)
-    while (event := chain.qmp.pull_event(wait=60))["event"] != "BLOCK_JOB_CANCELLED":
-        assert event is not None
+    chain.wait_event("BLOCK_JOB_CANCELLED", "s")
     assert "frozen" in repoint(chain, "other")["error"]["desc"]  # still held by the other holder
     chain.ok("x-pynbd-unfreeze-link", **{"node-name": "top", "child": "backing"})
     assert "return" in repoint(chain, "other")

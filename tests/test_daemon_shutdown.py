@@ -84,8 +84,8 @@ def test_quit_exits_and_removes_the_pid_file(kind, start_daemon, workdir):
     assert int(pid_file.read_text()) == daemon.proc.pid  # written before QMP answers
     assert daemon.ok("quit") == {}
     if kind == "pynbd":  # qemu-storage-daemon 7.2 sends no event; qemu itself sends this one
-        event = daemon.qmp.pull_event(wait=30)
-        assert event["event"] == "SHUTDOWN" and event["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        event = daemon.wait_event("SHUTDOWN", timeout=30)
+        assert event["data"] == {"guest": False, "reason": "host-qmp-quit"}
     assert daemon.proc.wait(30) == 0
     assert not pid_file.exists()
 
@@ -140,8 +140,7 @@ def test_stopping_cancels_a_ready_job_waiting_for_finalize(kind, how, start_daem
     daemon = start_daemon(kind)
     daemon.ok("blockdev-add", driver="qcow2", **{"node-name": "top"}, file={"driver": "file", "filename": str(top)})
     daemon.ok("block-commit", **{"job-id": "c0", "device": "top", "auto-finalize": False})
-    while (event := daemon.qmp.pull_event(wait=60))["event"] != "BLOCK_JOB_READY":
-        assert event is not None
+    daemon.wait_event("BLOCK_JOB_READY", "c0")
     assert stop_with(daemon, how) == 0
     run(["qemu-img", "check", str(top)])
     run(["qemu-img", "check", str(base)])
