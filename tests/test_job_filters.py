@@ -4,18 +4,10 @@ always take it out and leave the graph as it found it (issue 10.7)."""
 from __future__ import annotations
 
 from tests.peers import run
+from tests.test_daemon_blockjobs import backing_of
 
 MiB = 1 << 20
 SIZE = 4 * MiB
-
-
-def backing_of(daemon, name: str) -> str | None:
-    graph = daemon.ok("x-debug-query-block-graph")
-    ids = {n["id"]: n["name"] for n in graph["nodes"]}
-    for edge in graph["edges"]:
-        if ids[edge["parent"]] == name and edge["name"] == "backing":
-            return ids[edge["child"]]
-    return None
 
 
 def test_a_stream_through_a_mirror_filter_is_refused_and_the_mirror_ends_cleanly(start_daemon, workdir):

@@ -16,7 +16,6 @@ import logging
 
 from pynbd.bitmap import DirtyBitmap, NodeBitmap
 from pynbd.graph.core import BlockGraph, GraphUser
-from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.jobs.copy import CopyEngine
 from pynbd.jobs.core import Job
@@ -144,10 +143,9 @@ class BackupJob(Job):
     async def clean(self) -> None:
         if self.bitmap is not None and self.bitmap.successor is not None:
             self._reclaim()
-        async with drained([self.cbw, self.target], owner=self.user):
-            try:
+        try:
+            async with self.user.busy():
                 await self.cbw.target.flush()
-            except (BlockError, OSError) as exc:
-                log.warning("backup %s: flushing the target failed: %s", self.id, exc)
-            self.graph.detach_user(self.user)
-            self.graph.remove_filter(self.cbw, self.source)
+        except (BlockError, OSError) as exc:
+            log.warning("backup %s: flushing the target failed: %s", self.id, exc)
+        await self.leave_graph(self.graph, [self.cbw, self.target], self.cbw, self.source)

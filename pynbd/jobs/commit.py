@@ -49,7 +49,6 @@ class CommitJob(Job):
         self.user = GraphUser(job_id, "block-job", f"commit job {job_id!r}")
         self.users = [self.user]
         self.layers = len(chain_links(top, base))
-        self.frozen: list[ChildLink] = []
         self.reopened: list[BlockNode] = []
         self.committed: list[tuple[int, int]] = []
 
@@ -108,11 +107,7 @@ class CommitJob(Job):
                     await unallocate(offset, length)
 
     async def clean(self) -> None:
-        async with drained([self.top, self.base], owner=self.user):
-            if self.frozen:
-                self.graph.unfreeze_links(self.frozen)
-                self.frozen = []
-            self.graph.detach_user(self.user)
+        await self.leave_graph(self.graph, [self.top, self.base])
         if self.reopened:
             await restore(self.graph, self.reopened, True)
 

@@ -15,10 +15,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-log = logging.getLogger("pynbd.jobs")
+from pynbd.graph.io import drained
 
 if TYPE_CHECKING:
-    from pynbd.graph.core import GraphUser
+    from collections.abc import Iterable
+
+    from pynbd.graph.core import BlockGraph, ChildLink, GraphUser
+    from pynbd.nodes.base import BlockNode
+
+log = logging.getLogger("pynbd.jobs")
 
 
 class JobStatus(enum.Enum):
@@ -105,6 +110,7 @@ class Job:
         self.task: asyncio.Task | None = None
         self.manager: JobManager | None = None
         self.concluded = asyncio.Event()
+        self.frozen: list[ChildLink] = []  # links a block job holds frozen while it runs
 
     # -- what subclasses provide -------------------------------------------------------------
 
@@ -119,6 +125,32 @@ class Job:
 
     async def clean(self) -> None:
         """Always, last: drop what the job held (frozen links, users, filters)."""
+
+    async def leave_graph(
+        self,
+        graph: BlockGraph,
+        drain: Iterable[BlockNode],
+        filt: BlockNode | None = None,
+        below: BlockNode | None = None,
+    ) -> None:
+        """The graph part of a block job's clean-up, drained: drop its freezes, its links and its
+        filter (back to ``below``). Every step is tried even if one before it failed (logged), so
+        the graph is left as the job found it as far as it can be; the first failure is raised."""
+        frozen: list[ChildLink] = self.frozen
+        self.frozen = []
+        steps = [lambda: graph.unfreeze_links(frozen), lambda: graph.detach_user(self.user)]
+        if filt is not None:
+            steps.append(lambda: graph.remove_filter(filt, below))
+        failures: list[Exception] = []
+        async with drained(drain, owner=self.user):
+            for step in steps:
+                try:
+                    step()
+                except Exception as exc:
+                    log.exception("job %s: clean-up step failed", self.id)
+                    failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def complete(self) -> None:
         """job-complete on a READY job: the work coroutine sees :attr:`complete_requested`."""

@@ -62,7 +62,6 @@ class MirrorJob(Job):
         self.top.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
         self.users = [self.user]
-        self.frozen: list = []
         self.pivoted = False
         #: active commit: the base nodes reopened read-write for the job (read-only again at the
         #: end unless the job pivoted to them)
@@ -196,12 +195,7 @@ class MirrorJob(Job):
             self.pivoted = True
 
     async def clean(self) -> None:
-        async with drained([self.top], owner=self.user):
-            if self.frozen:
-                self.graph.unfreeze_links(self.frozen)
-                self.frozen = []
-            self.graph.detach_user(self.user)
-            self.graph.remove_filter(self.top, self.source)
+        await self.leave_graph(self.graph, [self.top], self.top, self.source)
         if self.reopened and not self.pivoted:
             await restore(self.graph, self.reopened, True)
 

@@ -8,7 +8,7 @@ lock keeps each copy-up atomic against the guest's writes. The chain is frozen w
 
 from __future__ import annotations
 
-from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
+from pynbd.graph.core import BlockGraph, GraphUser, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import Perm
 from pynbd.jobs.commit import record_backing
@@ -46,7 +46,6 @@ class StreamJob(Job):
         self.cor.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"stream job {job_id!r}")
         self.users = [self.user]
-        self.frozen: list[ChildLink] = []
 
     def install(self, tran) -> None:
         graph = self.graph
@@ -87,9 +86,4 @@ class StreamJob(Job):
         await record_backing(self.top, self.base, self.backing_file)
 
     async def clean(self) -> None:
-        async with drained([self.cor], owner=self.user):
-            if self.frozen:
-                self.graph.unfreeze_links(self.frozen)
-                self.frozen = []
-            self.graph.detach_user(self.user)
-            self.graph.remove_filter(self.cor, self.top)
+        await self.leave_graph(self.graph, [self.cor], self.cor, self.top)
