@@ -382,12 +382,16 @@ async def cmd_check(args: argparse.Namespace) -> int:
         fmt = args.fmt or probe_format(args.filename)
     except BlockError as exc:
         raise OpenError(args.filename, str(exc), err=exc.errno) from None
-    if fmt != "qcow2":
+    read_only = args.repair is None
+    if fmt != "qcow2":  # qemu-img opens the image (locks and all) before it finds it cannot check it
+        image = await open_image(
+            args.filename, fmt, read_only=read_only, force_share=args.force_share, user="qemu-img"
+        )
+        await image.close()
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return 63
     # The check reads (and a repair writes) the file itself, not through a qcow2 node that might
     # refuse a damaged image; meanwhile the file is held with what a qcow2 node takes on it.
-    read_only = args.repair is None
     perm, shared = default_child_perm(Role.image(), IMG_READ, ALL, writable=not read_only)
     holder = await open_image(
         args.filename,
