@@ -1,8 +1,9 @@
 """The qcow2 format under QMP: blockdev-add driver=qcow2 and blockdev-create for qcow2.
 
 ``backing`` follows qemu: absent means "open the backing chain the image header names" (as
-implicit nodes), null means no backing, a string is an existing node-name, an object an inline
-node definition.
+implicit nodes, by :func:`pynbd.daemon.open.open_backing_chain`), null means no backing, a string
+is an existing node-name, an object an inline node definition. A read-write open of an image left
+with the dirty bit (lazy refcounts) repairs its refcounts first, as qemu does.
 """
 
 from __future__ import annotations
