@@ -231,7 +231,7 @@ def test_large_sparse_image_written_by_pynbd(workdir: Path) -> None:
     import asyncio
     import random
 
-    from pynbd.nodes.open import open_image
+    from pynbd.daemon.open import open_image
 
     path, ref = workdir / "big.qcow2", workdir / "big.raw"
     size = 6 * GiB
@@ -241,7 +241,8 @@ def test_large_sparse_image_written_by_pynbd(workdir: Path) -> None:
     rng = random.Random(5)
 
     async def go():
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         with open(ref, "r+b") as f:
             for i in range(300):
                 offset = rng.randrange(0, size - MiB) // 512 * 512
@@ -261,7 +262,7 @@ def test_large_sparse_image_written_by_pynbd(workdir: Path) -> None:
                     await node.write(offset, data)
                     f.seek(offset)
                     f.write(data)
-        await node.close()
+        await image.close()
 
     asyncio.run(go())
     report = json.loads(run(["qemu-img", "check", "--output=json", str(path)]).stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pynbd.nodes.open import open_image
+from pynbd.daemon.open import open_image
 from pynbd.qcow2.create import CreateOptions, create_qcow2
 from pynbd.qcow2.node import Qcow2Node
 from tests.peers import PYNBD, have, run
@@ -79,11 +79,12 @@ def test_random_workload_passes_qemu_check(workdir: Path, cluster_size: int) -> 
     create_qcow2(str(path), size, CreateOptions(cluster_size=cluster_size))
 
     async def go() -> bytearray:
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         assert isinstance(node, Qcow2Node)
         ref = await random_workload(node, size, 250, seed=cluster_size)
         assert await read_all(node) == ref
-        await node.close()
+        await image.close()
         return ref
 
     ref = asyncio.run(go())
@@ -106,11 +107,12 @@ def test_backing_chain_made_by_qemu(workdir: Path) -> None:
     expected = qemu_read(top)
 
     async def go():
-        node = await open_image(str(top), read_only=True)
+        image = await open_image(str(top), read_only=True)
+        node = image.node
         data = await read_all(node)
         status = await node.block_status(0, node.size)
         depth = await node.allocation_depth(0, node.size)
-        await node.close()
+        await image.close()
         return data, status, depth
 
     data, status, depth = asyncio.run(go())
@@ -148,11 +150,12 @@ def test_compressed_clusters_from_qemu(workdir: Path, compression: str) -> None:
     assert any(e["data"] for e in qemu_map)
 
     async def go():
-        node = await open_image(str(packed))
+        image = await open_image(str(packed), read_only=False)
+        node = image.node
         data = await read_all(node)
         # partial overwrite of a compressed cluster: copy-on-write keeps the rest of it
         await node.write(65536 + 100, b"\xee" * 1000)
-        await node.close()
+        await image.close()
         return data
 
     assert asyncio.run(go()) == bytes(content)
@@ -168,13 +171,14 @@ def test_qcow2_v2_image_from_qemu(workdir: Path) -> None:
     run(["qemu-io", "-c", "write -P 0x5a 0 1M", str(path)])
 
     async def go():
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         assert node.header.version == 2
         await node.write_zeroes(4096, 8192)
         await node.discard(512 * 1024, 128 * 1024)
         await node.write(3 * MiB, b"\x01" * 70000)
         data = await read_all(node)
-        await node.close()
+        await image.close()
         return data
 
     data = asyncio.run(go())
@@ -202,12 +206,13 @@ def test_concurrent_disjoint_writes_into_the_same_clusters(workdir: Path, with_b
     rng.shuffle(pieces)
 
     async def go() -> bytes:
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         for _round in range(2):  # first into unallocated clusters, then overwriting in place
             await asyncio.gather(*(node.write(off, data) for off, data in pieces))
             await node.flush()
         data = await read_all(node)
-        await node.close()
+        await image.close()
         return data
 
     for off, data in pieces:
@@ -234,9 +239,10 @@ def test_extended_l2_images_read_as_qemu_reads_them(workdir: Path) -> None:
         assert ours == run(["qemu-img", "map", "--output=json", str(path)]).stdout
 
         async def go(path=path) -> bytes:
-            node = await open_image(str(path), read_only=True)
+            image = await open_image(str(path), read_only=True)
+            node = image.node
             data = await read_all(node)
-            await node.close()
+            await image.close()
             return data
 
         assert asyncio.run(go()) == qemu_read(path)
@@ -255,9 +261,10 @@ def test_dirty_lazy_refcounts_image_is_repaired_on_read_write_open(workdir: Path
     assert run(["qemu-img", "check", str(path)], check=False).returncode == 2
 
     async def go() -> None:
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         await node.write(1 * MiB, b"\x06" * 65536)
-        await node.close()
+        await image.close()
 
     asyncio.run(go())
     qemu_check(path)

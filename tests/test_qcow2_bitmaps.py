@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pynbd.graph.core import ChildLink, GraphUser
-from pynbd.graph.perms import ALL, Perm, Role
-from pynbd.nodes.open import open_image
+from pynbd.daemon.open import open_image
 from tests.peers import PYNBD, have, nbdinfo_map, run
 
 pytestmark = pytest.mark.skipif(not (have("qemu-img") and have("nbdinfo")), reason="needs qemu-img and nbdinfo")
@@ -43,13 +41,14 @@ def touched(offset: int, length: int, granularity: int) -> set[int]:
 
 def pynbd_bitmap_extents(path: Path, name: str) -> tuple[list[tuple[int, int, int]], bool]:
     async def go():
-        node = await open_image(str(path), read_only=True)
+        image = await open_image(str(path), read_only=True)
+        node = image.node
         bitmap = node.dirty_bitmaps[name]
         extents, pos = [], 0
         for run_length, dirty in bitmap.extents(0, node.size):
             extents.append((pos, run_length, int(dirty)))
             pos += run_length
-        await node.close()
+        await image.close()
         return extents, bitmap.enabled
 
     return asyncio.run(go())
@@ -101,8 +100,8 @@ def test_pynbd_bitmaps_seen_by_qemu(workdir: Path, start_qemu_nbd) -> None:
     expected_b: set[int] = set()
 
     async def workload():
-        node = await open_image(str(path))
-        disk = ChildLink(GraphUser("test"), "test", node, Role(0), Perm.CONSISTENT_READ | Perm.WRITE, ALL)
+        image = await open_image(str(path), read_only=False)
+        disk = image.link  # through the request gate, which marks the bitmaps
         for _ in range(120):
             offset = rng.randrange(0, SIZE - 1)
             length = rng.randrange(1, min(200_000, SIZE - offset) + 1)
@@ -115,7 +114,7 @@ def test_pynbd_bitmaps_seen_by_qemu(workdir: Path, start_qemu_nbd) -> None:
                 await disk.discard(offset, length)
             expected_a.update(touched(offset, length, 65536))
             expected_b.update(touched(offset, length, 8192))
-        await node.close()
+        await image.close()
 
     asyncio.run(workload())
     result = run(["qemu-img", "check", str(path)], check=False)
@@ -161,7 +160,8 @@ def test_in_use_bitmap_is_fully_dirty(workdir: Path, start_qemu_nbd) -> None:
     run(["qemu-img", "bitmap", "--add", str(path), "b"])
 
     async def crash():
-        node = await open_image(str(path))
+        image = await open_image(str(path), read_only=False)
+        node = image.node
         await node.write(4 * MiB, b"x" * 4096)
         await node.flush()
         # the process "dies": nothing stored, the file is simply closed

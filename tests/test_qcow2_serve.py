@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pynbd.nodes.open import open_image
+from pynbd.daemon.open import open_image
 from tests.peers import PYNBD, have, nbdinfo_map, read_all, run
 
 nbd = pytest.importorskip("nbd")
@@ -123,12 +123,13 @@ def test_sigkill_mid_write_leaves_only_leaks_and_a_fully_dirty_bitmap(workdir: P
     assert ours.returncode == result.returncode
 
     async def reopen():
-        node = await open_image(str(path), read_only=True)
+        image = await open_image(str(path), read_only=True)
+        node = image.node
         bitmap = node.dirty_bitmaps["backup"].bitmap
         data = bytearray(half)
         await node.read_into(0, memoryview(data))
         found = set(node.bitmaps_found_in_use)
-        await node.close()
+        await image.close()
         return bitmap.count(), data, found
 
     dirty, data, found_in_use = asyncio.run(reopen())

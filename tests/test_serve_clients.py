@@ -474,7 +474,9 @@ def test_qemu_img_convert_compare_map(start_pynbd, image, workdir, tcp):
     sink = start_pynbd(str(target), tcp=tcp)
     differ = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(path), sink.uri], check=False)
     assert differ.returncode == 1, differ.stdout + differ.stderr
-    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(path), sink.uri])
+    # -U: the first server still has ``path`` open read-write, and convert's source would unshare
+    # write (locked out, as under qemu-nbd)
+    run(["qemu-img", "convert", "-U", "-n", "-f", "raw", "-O", "raw", str(path), sink.uri])
     assert run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(path), sink.uri]).returncode == 0
     assert qemu_map(sink.uri) == file_extents(target)
     sink.stop()

@@ -34,8 +34,8 @@ from pynbd.client.copy import (
 from pynbd.client.errors import NBDError
 from pynbd.client.pool import connect_pool
 from pynbd.client.uri import URIError
+from pynbd.daemon.open import open_image, probe_format
 from pynbd.nodes.base import BlockError
-from pynbd.nodes.open import open_image, probe_format
 from pynbd.protocol.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX
 from pynbd.qcow2.create import DEFAULT_CLUSTER_SIZE, CreateOptions, create_qcow2
 from pynbd.qcow2.layout import FormatError
@@ -146,11 +146,11 @@ def _check_output(output: str, base: str | None, force: bool) -> None:
 async def _base_image(base: str) -> tuple[str, int]:
     """The format and virtual size of the previous backup (its own chain must open too)."""
     fmt = probe_format(base)
-    node = await open_image(base, fmt, read_only=True)
+    image = await open_image(base, fmt, read_only=True)
     try:
-        return fmt, node.size
+        return fmt, image.node.size
     finally:
-        await node.close()
+        await image.close()
 
 
 async def _allocation_readable(source: NBDDisk) -> bool:
@@ -212,7 +212,7 @@ async def _pull(
             backing_format=backing_format,
         )  # fmt: skip
         created = True
-        target = Qcow2Disk(await open_image(output, "qcow2"))
+        target = Qcow2Disk(await open_image(output, "qcow2", read_only=False))
         copier = _BackupCopier(source, target, copy_options)  # type: ignore[arg-type]
         stats = await copier.run()
         closing, target = target, None

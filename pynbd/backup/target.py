@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pynbd.client.copy import Disk
-from pynbd.qcow2.node import Qcow2Node
+from pynbd.daemon.open import Image
 
 
 class Qcow2Disk(Disk):
@@ -15,10 +15,11 @@ class Qcow2Disk(Disk):
     the previous backup's data.
     """
 
-    def __init__(self, node: Qcow2Node) -> None:
-        self.node = node
-        self.size = node.size
-        self.known_zero = node.backing is None
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.node = image.node
+        self.size = self.node.size
+        self.known_zero = self.node.child_node("backing") is None
 
     async def write(self, view: memoryview, offset: int) -> None:
         await self.node.write(offset, view)
@@ -30,4 +31,4 @@ class Qcow2Disk(Disk):
         await self.node.flush()
 
     async def close(self) -> None:
-        await self.node.close()
+        await self.image.close()  # the qcow2 node writes its metadata back, then its files close

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pynbd.client.contexts import is_zero
 from pynbd.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_REQUESTS, Progress, all_zero
 from pynbd.client.pool import ClientPool, connect_pool
+from pynbd.daemon.open import open_image
 from pynbd.nodes.base import BlockNode
-from pynbd.nodes.open import open_image
 from pynbd.protocol.constants import BASE_ALLOCATION, State
 
 SECTOR = 512
@@ -169,7 +169,8 @@ async def verify_chain(uri: str, chain_top: str, options: VerifyOptions | None =
     """Compare the image ``chain_top`` (with its backing chain) with the export at ``uri``."""
     options = options or VerifyOptions()
     started = time.monotonic()
-    node = await open_image(chain_top, read_only=True)
+    image = await open_image(chain_top, read_only=True)
+    node = image.node
     try:
         pool = await connect_pool(
             uri, max(1, options.connections), meta_contexts=[BASE_ALLOCATION], max_requests=options.requests,
@@ -198,4 +199,4 @@ async def verify_chain(uri: str, chain_top: str, options: VerifyOptions | None =
         finally:
             await pool.disconnect()
     finally:
-        await node.close()
+        await image.close()

@@ -16,8 +16,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pynbd.bitmap import DirtyBitmap
+from pynbd.daemon.blockdev import node_filename
+from pynbd.daemon.open import (
+    CONVERT_SOURCE_SHARED,
+    FORMATS,
+    IMG_READ,
+    IMG_WRITE,
+    Image,
+    OpenError,
+    open_image,
+    probe_format,
+    resolve_backing,
+)
+from pynbd.graph.core import GraphUser
+from pynbd.graph.perms import ALL, NONE, Role, default_child_perm
+from pynbd.graph.reopen import set_read_only
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode
-from pynbd.nodes.open import FORMATS, chain, open_image, probe_format, resolve_backing
+from pynbd.nodes.file import ImageLocked
 from pynbd.qcow2.check import check_image
 from pynbd.qcow2.create import CreateOptions, create_qcow2, create_raw
 from pynbd.qcow2.layout import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, FormatError
@@ -29,6 +44,9 @@ log = logging.getLogger("pynbd.img")
 PROG = "pynbd img"
 COPY_CHUNK = 2 << 20
 ZERO_DETECT = 4096  # qemu-img convert -S default: skip runs of zeroes at least this long
+
+
+FORCE_SHARE_HELP = "open the image even while another process writes it (read-only use only)"
 
 
 class UsageError(Exception):
@@ -54,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("-f", dest="fmt", choices=FORMATS)
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.add_argument("--backing-chain", action="store_true")
-    i.add_argument("-U", "--force-share", action="store_true", help="accepted for qemu-img compatibility")
+    i.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
     i.add_argument("filename")
     i.set_defaults(img_func=cmd_info)
 
@@ -63,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--output", choices=("human", "json"), default="human")
     k.add_argument("-r", dest="repair", choices=("leaks", "all"))
     k.add_argument("-q", dest="quiet", action="store_true")
-    k.add_argument("-U", "--force-share", action="store_true")
+    k.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
     k.add_argument("filename")
     k.set_defaults(img_func=cmd_check)
 
@@ -72,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--output", choices=("human", "json"), default="human")
     m.add_argument("--start-offset", default="0")
     m.add_argument("--max-length")
-    m.add_argument("-U", "--force-share", action="store_true")
+    m.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
     m.add_argument("filename")
     m.set_defaults(img_func=cmd_map)
 
@@ -93,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("-F", dest="fmt2", choices=FORMATS)
     cmp.add_argument("-s", dest="strict", action="store_true", help="images of different sizes differ")
     cmp.add_argument("-q", dest="quiet", action="store_true")
-    cmp.add_argument("-U", "--force-share", action="store_true")
+    cmp.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
     cmp.add_argument("filename1")
     cmp.add_argument("filename2")
     cmp.set_defaults(img_func=cmd_compare)
@@ -106,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--bitmaps", action="store_true", help="copy the persistent bitmaps too")
     v.add_argument("-p", dest="progress", action="store_true", help="accepted for qemu-img compatibility")
     v.add_argument("-q", dest="quiet", action="store_true")
-    v.add_argument("-U", "--force-share", action="store_true")
+    v.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
     v.add_argument("source")
     v.add_argument("target")
     v.set_defaults(img_func=cmd_convert)
@@ -126,6 +144,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(args.img_func(args))
+    except OpenError as exc:  # qemu-img's words, and its hint on a second line
+        print(f"{PROG}: {exc.report()}", file=sys.stderr)
+        return 1
+    except ImageLocked as exc:
+        print(f"{PROG}: {exc}\n{exc.hint}", file=sys.stderr)
+        return 1
     except (BlockError, FormatError, OSError, ValueError, UsageError) as exc:
         message = exc.strerror if isinstance(exc, OSError) and exc.strerror and not str(exc) else str(exc)
         print(f"{PROG}: {message}", file=sys.stderr)
@@ -191,14 +215,13 @@ def size_to_str(value: int) -> str:
     return f"{value / (1 << (index * 10)):0.3g} {suffixes[index]}B"
 
 
-async def with_image(
-    filename: str, fmt: str | None, read_only: bool, work: Callable[[BlockNode], Awaitable[int]], **kwargs
-) -> int:
-    node = await open_image(filename, fmt, read_only=read_only, **kwargs)
+async def with_image(filename: str, fmt: str | None, work: Callable[[Image], Awaitable[int]], **kwargs) -> int:
+    """Open an image through pynbd.daemon.open (image locks, backing chain), run ``work``, close it."""
+    image = await open_image(filename, fmt, user="qemu-img", **kwargs)
     try:
-        return await work(node)
+        return await work(image)
     finally:
-        await node.close()
+        await image.close()
 
 
 # -- create ---------------------------------------------------------------------------------------
@@ -214,10 +237,12 @@ async def cmd_create(args: argparse.Namespace) -> int:
     if backing and not args.unsafe:
         path = resolve_backing(args.filename, backing)
         backing_fmt = backing_fmt or probe_format(path)
-        if size is None:
-            backing_node = await open_image(path, backing_fmt, read_only=True)
-            size = backing_node.size
-            await backing_node.close()
+        if size is None:  # as qemu-img: only the size is read, so the backing file is force-shared
+            backing_image = await open_image(
+                path, backing_fmt, read_only=True, force_share=True, backing=False, perm=NONE, user="qemu-img"
+            )
+            size = backing_image.node.size
+            await backing_image.close()
     if size is None:
         raise UsageError("Image creation needs a size parameter")
     if args.fmt == "qcow2":
@@ -325,12 +350,10 @@ def human_info(info: dict, node: BlockNode) -> str:
 
 
 async def cmd_info(args: argparse.Namespace) -> int:
-    async def work(node: BlockNode) -> int:
-        layers = chain(node) if args.backing_chain else [node]
+    async def work(image: Image) -> int:
+        layers = image.chain() if args.backing_chain else [image.node]
         infos = []
-        names = [args.filename]
-        for layer in layers[1:]:
-            names.append(layer.filename if hasattr(layer, "filename") else "")
+        names = [args.filename] + [node_filename(layer) for layer in layers[1:]]
         for layer, name in zip(layers, names, strict=True):
             infos.append(image_info(layer, name))
         if args.output == "json":
@@ -339,18 +362,50 @@ async def cmd_info(args: argparse.Namespace) -> int:
             print("\n".join(human_info(info, layer) for info, layer in zip(infos, layers, strict=True)), end="")
         return 0
 
-    return await with_image(args.filename, args.fmt, True, work)
+    # qemu-img info reads no data (perm NONE) and opens the backing chain only with --backing-chain
+    return await with_image(
+        args.filename,
+        args.fmt,
+        work,
+        read_only=True,
+        perm=NONE,
+        backing=args.backing_chain,
+        force_share=args.force_share,
+    )
 
 
 # -- check ----------------------------------------------------------------------------------------
 
 
 async def cmd_check(args: argparse.Namespace) -> int:
-    fmt = args.fmt or probe_format(args.filename)
-    if fmt != "qcow2":
+    try:
+        fmt = args.fmt or probe_format(args.filename)
+    except BlockError as exc:
+        raise OpenError(args.filename, str(exc), err=exc.errno) from None
+    read_only = args.repair is None
+    if fmt != "qcow2":  # qemu-img opens the image (locks and all) before it finds it cannot check it
+        image = await open_image(
+            args.filename, fmt, read_only=read_only, force_share=args.force_share, user="qemu-img"
+        )
+        await image.close()
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return 63
-    result = await check_image(args.filename, args.repair)
+    # The check reads (and a repair writes) the file itself, not through a qcow2 node that might
+    # refuse a damaged image; meanwhile the file is held with what a qcow2 node takes on it.
+    perm, shared = default_child_perm(Role.image(), IMG_READ, ALL, writable=not read_only)
+    holder = await open_image(
+        args.filename,
+        "file",
+        read_only=read_only,
+        perm=perm,
+        shared=shared,
+        force_share=args.force_share,
+        user="qemu-img",
+    )
+    try:
+        result = await check_image(args.filename, args.repair)
+    finally:
+        await holder.close()
     for message in result.messages:
         print(message, file=sys.stderr)
     if result.failure or result.check_errors:
@@ -449,9 +504,10 @@ def _hex(value: int) -> str:
 
 
 async def cmd_map(args: argparse.Namespace) -> int:
-    async def work(node: BlockNode) -> int:
-        layers = chain(node)
-        names = [args.filename] + [getattr(layer, "filename", "") for layer in layers[1:]]
+    async def work(image: Image) -> int:
+        node = image.node
+        layers = image.chain()
+        names = [args.filename] + [node_filename(layer) for layer in layers[1:]]
         start = parse_size(args.start_offset)
         end = node.size if args.max_length is None else min(node.size, start + parse_size(args.max_length))
         entries: list[MapEntry] = []
@@ -470,7 +526,7 @@ async def cmd_map(args: argparse.Namespace) -> int:
                     print(f"{_hex(entry.start):<16}{_hex(entry.length):<16}{_hex(entry.offset):<16}{entry.filename}")
         return 0
 
-    return await with_image(args.filename, args.fmt, True, work)
+    return await with_image(args.filename, args.fmt, work, read_only=True, force_share=args.force_share)
 
 
 # -- bitmap ---------------------------------------------------------------------------------------
@@ -486,7 +542,8 @@ async def cmd_bitmap(args: argparse.Namespace) -> int:
         raise UsageError("-b/-F only supported with --merge")
     granularity = parse_size(args.granularity) if args.granularity else None
 
-    async def work(node: BlockNode) -> int:
+    async def work(image: Image) -> int:
+        node = image.node
         if not isinstance(node, Qcow2Node):
             raise UsageError(f"Cannot store dirty bitmaps in {node.driver} format")
         for op, value in ops:
@@ -506,7 +563,7 @@ async def cmd_bitmap(args: argparse.Namespace) -> int:
                 target.bitmap.merge(await merge_source(node, value, args))
         return 0
 
-    return await with_image(args.filename, args.fmt, False, work, backing=False)
+    return await with_image(args.filename, args.fmt, work, read_only=False, backing=False)
 
 
 async def merge_source(node: Qcow2Node, name: str, args: argparse.Namespace) -> DirtyBitmap:
@@ -515,12 +572,12 @@ async def merge_source(node: Qcow2Node, name: str, args: argparse.Namespace) -> 
         if source is None:
             raise UsageError(f"Dirty bitmap '{name}' not found")
         return source.bitmap
-    other = await open_image(args.source_file, args.source_fmt, read_only=True, backing=False)
+    other = await open_image(args.source_file, args.source_fmt, read_only=True, backing=False, user="qemu-img")
     try:
-        source = other.dirty_bitmaps.get(name)
+        source = other.node.dirty_bitmaps.get(name)
         if source is None:
             raise UsageError(f"Dirty bitmap '{name}' not found")
-        if other.size != node.size:
+        if other.node.size != node.size:
             raise UsageError("Bitmaps are of different sizes")
         return source.bitmap.copy()
     finally:
@@ -558,17 +615,18 @@ async def all_zero(node: BlockNode, offset: int, length: int) -> int | None:
 
 
 async def cmd_compare(args: argparse.Namespace) -> int:
-    try:
-        a = await open_image(args.filename1, args.fmt1, read_only=True)
-    except (BlockError, OSError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        b = await open_image(args.filename2, args.fmt2, read_only=True)
-    except (BlockError, OSError) as exc:
-        await a.close()
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+    opened: list[Image] = []
+    for filename, fmt in ((args.filename1, args.fmt1), (args.filename2, args.fmt2)):
+        try:
+            opened.append(
+                await open_image(filename, fmt, read_only=True, force_share=args.force_share, user="qemu-img")
+            )
+        except OpenError as exc:
+            for image in opened:
+                await image.close()
+            print(f"{PROG}: {exc.report()}", file=sys.stderr)
+            return 2
+    a, b = (image.node for image in opened)
 
     def say(text: str) -> None:
         if not args.quiet:
@@ -591,8 +649,8 @@ async def cmd_compare(args: argparse.Namespace) -> int:
         say("Images are identical.")
         return 0
     finally:
-        await a.close()
-        await b.close()
+        for image in opened:
+            await image.close()
 
 
 async def compare_range(a: BlockNode, b: BlockNode, offset: int, length: int) -> int | None:
@@ -667,24 +725,33 @@ async def copy_data(src: BlockNode, dst: BlockNode, offset: int, length: int, ze
 
 
 async def cmd_convert(args: argparse.Namespace) -> int:
-    src = await open_image(args.source, args.fmt, read_only=True)
+    source = await open_image(
+        args.source,
+        args.fmt,
+        read_only=True,
+        shared=CONVERT_SOURCE_SHARED,
+        force_share=args.force_share,
+        user="qemu-img",
+    )
     try:
+        src = source.node
         if not args.no_create:
             raw = parse_options(args.options)
             if args.out_fmt == "qcow2":
                 create_qcow2(args.target, src.size, qcow2_options(raw))
             else:
                 create_raw(args.target, src.size)
-        dst = await open_image(args.target, args.out_fmt, backing=False)
+        target = await open_image(args.target, args.out_fmt, read_only=False, backing=False, user="qemu-img")
         try:
+            dst = target.node
             await copy_data(src, dst, 0, min(src.size, dst.size), zero_target=args.no_create)
             if args.bitmaps:
                 await copy_bitmaps(src, dst)
             await dst.flush()
         finally:
-            await dst.close()
+            await target.close()
     finally:
-        await src.close()
+        await source.close()
     return 0
 
 
@@ -700,38 +767,42 @@ async def copy_bitmaps(src: BlockNode, dst: BlockNode) -> None:
 
 
 async def cmd_commit(args: argparse.Namespace) -> int:
-    probe = await open_image(args.filename, args.fmt, read_only=True)
+    image = await open_image(args.filename, args.fmt, read_only=False, user="qemu-img")
     try:
-        layers = chain(probe)
+        layers = image.chain()
         if len(layers) < 2:
             raise UsageError(f"Image '{args.filename}' does not have a backing file")
         base_depth = 1
         if args.base:
             wanted = os.path.realpath(args.base)
             for depth, layer in enumerate(layers[1:], start=1):
-                if os.path.realpath(getattr(layer, "filename", "")) == wanted:
+                if os.path.realpath(node_filename(layer)) == wanted:
                     base_depth = depth
                     break
             else:
                 raise UsageError(f"'{args.base}' is not in the backing chain of '{args.filename}'")
-    finally:
-        await probe.close()
-
-    top = await open_image(args.filename, args.fmt, writable_layers=base_depth + 1)
-    try:
-        base = chain(top)[base_depth]
-        pos = 0
-        for run, depth in await top.allocation_depth(0, top.size):
-            if 1 <= depth <= base_depth:  # allocated above the base: its data must go down
-                if pos + run > base.size:
-                    raise UsageError("the base image is smaller than the data to commit into it")
-                await copy_data(top, base, pos, run, zero_target=True)
-            pos += run
-        await base.flush()
+        top, base = image.node, layers[base_depth]
+        # as qemu-img: the base, opened read-only as a backing file, is reopened read-write and
+        # written through a user of its own (which takes the write lock on its file)
+        graph = image.daemon.graph
+        await set_read_only(graph, base, False)
+        writer = GraphUser("commit", "block-job", f"commit into {node_filename(base)!r}")
+        graph.attach_user(writer, base, IMG_WRITE, ALL)
+        try:
+            pos = 0
+            for run, depth in await top.allocation_depth(0, top.size):
+                if 1 <= depth <= base_depth:  # allocated above the base: its data must go down
+                    if pos + run > base.size:
+                        raise UsageError("the base image is smaller than the data to commit into it")
+                    await copy_data(top, base, pos, run, zero_target=True)
+                pos += run
+            await base.flush()
+        finally:
+            graph.detach_user(writer)
         if not args.base and not args.keep and isinstance(top, Qcow2Node):
             await top.make_empty()
     finally:
-        await top.close()
+        await image.close()
     if not args.quiet:
         print("Image committed.")
     return 0

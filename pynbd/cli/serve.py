@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -12,14 +11,15 @@ import socket
 import sys
 
 from pynbd.cli.pidfile import pid_file
-from pynbd.graph.core import ChildLink, GraphUser
-from pynbd.graph.perms import ALL, Perm, Role
+from pynbd.daemon.core import Daemon
+from pynbd.daemon.exports import add_export
+from pynbd.daemon.open import FORMATS, OpenError, open_image
 from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.file import ImageLocked
 from pynbd.nodes.memory import MemoryNode
-from pynbd.nodes.open import FORMATS, open_image
 from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.protocol.negotiation import TLSMode
-from pynbd.server.export import Export, ExportRegistry
+from pynbd.qmp.protocol import QMPError
 from pynbd.server.nbd import NBDServer, ServerConfig
 from pynbd.sizes import parse_size
 from pynbd.tls import TLSConfigError, server_context
@@ -37,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--memory", metavar="SIZE", help="serve a sparse in-memory disk of SIZE (e.g. 1G)")
     p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open the image even while another process writes it (only with --read-only; qemu-img -U)",
+    )
     p.add_argument("-f", "--format", choices=FORMATS, help="image format (default: probed, as qemu-nbd)")
     p.add_argument(
         "-B",
@@ -64,25 +70,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-async def open_node(args: argparse.Namespace) -> BlockNode:
+NODE_NAME = "disk"
+
+
+async def open_disk(daemon: Daemon, args: argparse.Namespace) -> BlockNode:
+    """The served node, opened as qemu-nbd opens its image (pynbd.daemon.open: image locks,
+    backing chain), or an in-memory disk."""
     if args.file and args.memory:
         raise SystemExit("pynbd serve: give FILE or --memory, not both")
     if args.file:
-        return await open_image(args.file, args.format, read_only=args.read_only, node_name="disk")
-    return MemoryNode(parse_size(args.memory or DEFAULT_MEMORY_SIZE), node_name="disk")
+        image = await open_image(
+            args.file,
+            args.format,
+            read_only=args.read_only,
+            force_share=args.force_share,
+            user="qemu-nbd",
+            node_name=NODE_NAME,
+            daemon=daemon,
+        )
+        return image.node
+    if args.force_share:
+        raise SystemExit("pynbd serve: --force-share is for image files")
+    return daemon.graph.add_node(MemoryNode(parse_size(args.memory or DEFAULT_MEMORY_SIZE), node_name=NODE_NAME))
 
 
-def add_contexts(export: Export, node: BlockNode, args: argparse.Namespace) -> None:
-    """-A and -B: the bitmap is looked up down the backing chain, as qemu-nbd does."""
+def export_options(args: argparse.Namespace) -> dict:
+    """block-export-add's arguments for what the command line asks (qemu-nbd does the same)."""
+    options: dict = {
+        "type": "nbd",
+        "id": NODE_NAME,
+        "node-name": NODE_NAME,
+        "name": args.export_name,
+        "description": args.description,
+        "writable": not args.read_only,
+        "bitmaps": args.bitmap,  # looked up down the backing chain, as qemu-nbd does
+    }
     if args.allocation_depth:
-        export.add_allocation_depth()
-    for name in args.bitmap:
-        current: BlockNode | None = node
-        while current is not None and name not in current.dirty_bitmaps:
-            current = getattr(current, "backing", None)
-        if current is None:
-            raise BlockError(errno.ENOENT, f"Bitmap '{name}' is not found")
-        export.add_bitmap(name, current.dirty_bitmaps[name])
+        options["allocation-depth"] = True
+    return options
 
 
 def activation_socket() -> socket.socket | None:
@@ -99,7 +124,13 @@ def activation_socket() -> socket.socket | None:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(serve(args))
-    except (BlockError, TLSConfigError, OSError, ValueError) as exc:
+    except OpenError as exc:  # qemu-nbd's words, and its hint on a second line
+        print(f"pynbd serve: {exc.report('Failed to blk_new_open')}", file=sys.stderr)
+        return 1
+    except ImageLocked as exc:
+        print(f"pynbd serve: {exc}\n{exc.hint}", file=sys.stderr)
+        return 1
+    except (BlockError, QMPError, TLSConfigError, OSError, ValueError) as exc:
         print(f"pynbd serve: {exc}", file=sys.stderr)
         return 1
 
@@ -111,29 +142,25 @@ async def serve(args: argparse.Namespace) -> int:
         if not args.tls_creds:
             raise TLSConfigError("--tls needs --tls-creds DIR")
         tls_context = server_context(args.tls_creds, verify_peer=args.tls_verify_peer)
-    node = await open_node(args)
+    daemon = Daemon()
     try:
-        export = Export(args.export_name, node, description=args.description, read_only=args.read_only)
-        # requests go through a link, so the request gate marks bitmaps and tracks them (not yet
-        # attached in a graph: serve takes no permissions or locks until it opens through one)
-        user = GraphUser(args.export_name, "block-backend", f"export {args.export_name!r}")
-        perm = Perm.CONSISTENT_READ if export.read_only else Perm.CONSISTENT_READ | Perm.WRITE
-        export.link = ChildLink(user, user.name, node, Role(0), perm, ALL & ~Perm.RESIZE)
-        add_contexts(export, node, args)
+        node = await open_disk(daemon, args)
+        server = NBDServer(
+            daemon.registry,
+            ServerConfig(tls_mode=tls_mode, tls_context=tls_context, max_connections=args.shared),
+        )
+        daemon.nbd_server = server
+        export = (await add_export(daemon, export_options(args))).export
+        activated = activation_socket()
+        if activated is not None:
+            server.listen_socket(activated)
+        elif args.socket:
+            server.listen_unix(args.socket)
+        else:
+            server.listen_tcp(args.bind or "127.0.0.1", args.port)
     except BaseException:
-        await node.close()
+        await daemon.shutdown()  # nothing half-open stays behind (a read-write qcow2 is closed cleanly)
         raise
-    server = NBDServer(
-        ExportRegistry([export]),
-        ServerConfig(tls_mode=tls_mode, tls_context=tls_context, max_connections=args.shared),
-    )
-    activated = activation_socket()
-    if activated is not None:
-        server.listen_socket(activated)
-    elif args.socket:
-        server.listen_unix(args.socket)
-    else:
-        server.listen_tcp(args.bind or "127.0.0.1", args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -146,6 +173,5 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for task in waiters:
             task.cancel()
-        await server.shutdown()
-        await node.close()
+        await daemon.shutdown()  # the server, the export, then the nodes (formats before files)
     return 0

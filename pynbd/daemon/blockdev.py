@@ -75,11 +75,15 @@ async def add_node(daemon: Daemon, options: dict, created: list[BlockNode], keyv
         raise QMPError(f"Invalid node-name: '{node_name}'")
     for value in options.values():  # as qemu: children defined inline inherit these unless they say
         if isinstance(value, dict) and "driver" in value:
-            for key in ("read-only", "auto-read-only", "discard"):
+            for key in ("read-only", "auto-read-only", "discard", "force-share"):
                 if key in options:
                     value.setdefault(key, options[key])
+    force_share = options.get("force-share", False)
+    if force_share and not options.get("read-only", False):
+        raise QMPError("force-share=on can only be used with read-only images")
     node = await drv.open(daemon, options, created)
     node.unmap = options.get("discard", "ignore") == "unmap"  # qemu's default: ignore discards
+    node.force_share = force_share
     node.node_name = node_name
     daemon.graph.add_node(node)
     created.append(node)
@@ -113,10 +117,15 @@ async def undo_created(daemon: Daemon, created: list[BlockNode]) -> None:
 @driver("file", {"filename": "str", "*aio": ("threads", "native", "io_uring"), "*locking": ("auto", "on", "off")})
 async def open_file(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
     read_only = options.get("read-only", False)
+    filename = options["filename"]
     try:
-        return FileNode(options["filename"], read_only=read_only, locking=options.get("locking", "auto") != "off")
+        node = FileNode(filename, read_only=read_only, locking=options.get("locking", "auto") != "off")
     except OSError as exc:
-        raise QMPError(f"Could not open '{options['filename']}': {exc.strerror}") from None
+        raise QMPError(f"Could not open '{filename}': {exc.strerror}") from None
+    if not node.is_regular_file and not node.is_block_device:
+        await node.close()
+        raise QMPError(f"'file' driver requires '{filename}' to be a regular file")
+    return node
 
 
 @driver("raw", {"file": CHILD, "*offset": "uint", "*size": "uint"})
@@ -201,12 +210,9 @@ async def blockdev_add(daemon: Daemon, args: dict) -> None:
 async def blockdev_add_options(daemon: Daemon, args: dict, keyval: bool = False) -> BlockNode:
     if "node-name" not in args:
         raise QMPError("A block device must be given a node-name when added with blockdev-add")
-    created: list[BlockNode] = []
-    try:
-        node = await add_node(daemon, args, created, keyval)
-    except BaseException:
-        await undo_created(daemon, created)
-        raise
+    from pynbd.daemon.open import open_node
+
+    node = await open_node(daemon, args, keyval)
     daemon.monitor_owned.add(node.node_name)
     return node
 
@@ -217,11 +223,11 @@ async def blockdev_del(daemon: Daemon, args: dict) -> None:
     node = daemon.node(name)
     if name not in daemon.monitor_owned:
         raise QMPError(f"Node {name} is not owned by the monitor")
-    await _close_and_remove(daemon, node)
+    await close_and_remove(daemon, node)
     daemon.monitor_owned.discard(name)
 
 
-async def _close_and_remove(daemon: Daemon, node: BlockNode) -> None:
+async def close_and_remove(daemon: Daemon, node: BlockNode) -> None:
     """As qemu's bdrv_close: the driver closes (flushing into its children) before its child links
     go; implicit children left without a parent then go too."""
     daemon.graph.check_removable(node)
@@ -231,7 +237,7 @@ async def _close_and_remove(daemon: Daemon, node: BlockNode) -> None:
     for child in children:
         if getattr(child, "implicit", False) and not child.parents and child.node_name in daemon.graph.nodes:
             try:
-                await _close_and_remove(daemon, child)
+                await close_and_remove(daemon, child)
             except GraphError as exc:  # e.g. a job froze one of its links: it stays, named
                 log.warning("keeping implicit node %s: %s", child.node_name, exc)
 

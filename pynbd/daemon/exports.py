@@ -14,10 +14,11 @@ from typing import Any
 from pynbd.daemon.blockdev import SOCKET_ADDRESS
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.objects import tls_server_context
+from pynbd.daemon.open import nbd_export_perm
 from pynbd.daemon.registry import command
 from pynbd.graph.core import ChildLink, GraphUser
 from pynbd.graph.io import drained
-from pynbd.graph.perms import ALL, Perm
+from pynbd.graph.perms import Perm
 from pynbd.protocol.negotiation import TLSMode
 from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import Spec, str_or_object
@@ -133,8 +134,7 @@ async def add_export(daemon: Daemon, args: dict) -> DaemonExport:
         raise QMPError("Cannot export a read-only node as writable")
     bitmaps = [resolve_bitmap(daemon, node, ref, writable) for ref in args.get("bitmaps", [])]
     user = GraphUser(export_id, "block-backend", f"NBD export {export_id!r}")
-    perm = Perm.CONSISTENT_READ | (Perm.WRITE if writable else Perm(0))
-    link = daemon.graph.attach_user(user, node, perm, ALL & ~Perm.RESIZE)
+    link = daemon.graph.attach_user(user, node, *nbd_export_perm(writable))
     export = Export(name, node, description=args.get("description", ""), read_only=not writable)
     export.link = link
     max_connections = daemon.nbd_server.config.max_connections

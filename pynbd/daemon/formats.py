@@ -1,8 +1,9 @@
 """The qcow2 format under QMP: blockdev-add driver=qcow2 and blockdev-create for qcow2.
 
 ``backing`` follows qemu: absent means "open the backing chain the image header names" (as
-implicit nodes), null means no backing, a string is an existing node-name, an object an inline
-node definition.
+implicit nodes, by :func:`pynbd.daemon.open.open_backing_chain`), null means no backing, a string
+is an existing node-name, an object an inline node definition. A read-write open of an image left
+with the dirty bit (lazy refcounts) repairs its refcounts first, as qemu does.
 
 ``cache-size``, ``l2-cache-size`` and ``refcount-cache-size`` size the node's metadata caches as
 qemu does (same defaults once any is given, same split, same refusals); pynbd caches whole L2
@@ -12,17 +13,22 @@ tables, so ``l2-cache-entry-size`` may only be the cluster size.
 from __future__ import annotations
 
 import errno
+import logging
 
 from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, node_filename
 from pynbd.daemon.core import Daemon
+from pynbd.daemon.open import open_backing_chain
+from pynbd.graph.core import GraphUser
+from pynbd.graph.perms import ALL, Perm
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.file import FileNode
-from pynbd.nodes.open import probe_format, resolve_backing
 from pynbd.qcow2.create import CreateOptions, create_qcow2
-from pynbd.qcow2.layout import FormatError, Header
+from pynbd.qcow2.layout import INCOMPAT_DIRTY, FormatError, Header
 from pynbd.qcow2.node import Qcow2Node, read_header
 from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import nullable_str
+
+log = logging.getLogger("pynbd.daemon")
 
 QCOW2_SPEC = {
     "file": CHILD,
@@ -49,6 +55,8 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
     read_only = options.get("read-only", False)
     try:
         header = await read_header(file)
+        if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
+            header = await _repair_dirty(daemon, file)
     except FormatError as exc:
         raise QMPError(f"Image is not in qcow2 format: {exc}") from None
     l2_cache_size, refcount_cache_size = cache_sizes(options, header)
@@ -69,7 +77,7 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
         daemon.graph.attach_child(node, "file", file)  # permissions and locks first ...
         await node.start_writing()  # ... and only then the writes of a read-write open
         if "backing" not in options:
-            backing = await _open_backing_chain(daemon, header, node_filename(file), created)
+            backing = await open_backing_chain(daemon, header, file, created)
         elif options["backing"] is None:
             backing = None
         else:
@@ -134,18 +142,28 @@ def cache_sizes(options: dict, header: Header) -> tuple[int | None, int | None]:
     return l2_size, refcount_size
 
 
-async def _open_backing_chain(daemon: Daemon, header, image: str, created: list[BlockNode]) -> BlockNode | None:
-    """The backing file the header names, opened read-only as implicit nodes (recursively)."""
-    if not header.backing_file:
-        return None
-    path = resolve_backing(image, header.backing_file)
-    fmt = header.backing_format or probe_format(path)
-    options: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path, "read-only": True}}
-    if fmt not in ("raw", "qcow2"):
-        raise QMPError(f"Unknown backing format '{fmt}'")
-    from pynbd.daemon.blockdev import add_node
+async def _repair_dirty(daemon: Daemon, file: BlockNode):
+    """A lazy-refcounts image left with the dirty bit, opened read-write: rebuild its refcounts
+    first, as qemu does. The repair holds what a read-write qcow2 holds on its file (so the image
+    locks keep others out meanwhile); returns the header as it is after the repair."""
+    from pynbd.qcow2.check import REPAIR_ALL, check_image
 
-    return await add_node(daemon, options, created)
+    if not isinstance(file, FileNode):
+        raise FormatError("image has the dirty bit set (lazy refcounts); repair it with 'pynbd img check -r all'")
+    log.warning("%s: the image was not closed cleanly (dirty bit set): repairing its refcounts", file.filename)
+    user = GraphUser("qcow2-repair", "block-job", f"refcount repair of {file.filename!r}")
+    perm = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+    daemon.graph.attach_user(user, file, perm, ALL & ~(Perm.WRITE | Perm.RESIZE))
+    try:
+        result = await check_image(file.filename, REPAIR_ALL)
+    finally:
+        daemon.graph.detach_user(user)
+    if result.corruptions or result.check_errors:
+        raise BlockError(
+            errno.EIO, f"{file.filename}: could not repair the refcounts: {result.failure or 'errors remain'}"
+        )
+    file.refresh_size()
+    return await read_header(file)
 
 
 @creator(

@@ -376,6 +376,8 @@ class BlockGraph:
             for link in node.children.values():
                 old = (link.perm, link.shared)
                 link.perm, link.shared = node.child_perm(link, cumulative, shared)
+                if link.node.force_share:  # qemu's bdrv_child_perm: a force-share child is shared whole
+                    link.shared = ALL
                 tran.add(abort=lambda lk=link, o=old: _set(lk, *o))
 
     # -- primitive edits (undoable) -------------------------------------------------------------

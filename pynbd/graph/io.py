@@ -270,8 +270,10 @@ class RequestGate:
         self._check_writable()
         node, key = await self._enter(offset, offset + length)
         try:
+            if offset >= 0 and offset + length > node.size:  # nothing past the end to discard
+                length = max(0, node.size - offset)
             self._check_range(node, offset, length)
-            if not node.unmap:  # qemu's discard=ignore: dropped here, unmarked
+            if not node.unmap or not length:  # qemu's discard=ignore: dropped here, unmarked
                 return
             if node.dirty_bitmaps:
                 node.mark_dirty(offset, length)

@@ -67,10 +67,12 @@ def transition(fd: int, old: tuple[Perm, Perm], new: tuple[Perm, Perm]) -> None:
 
 
 def check(fd: int, perm: Perm, shared: Perm) -> None:
-    """Raise LockConflict if another process (or open file) forbids ``perm`` or uses what we unshare."""
+    """Raise LockConflict if another process (or open file) forbids ``perm`` or uses what we unshare.
+
+    The message is qemu's (file-posix raw_check_lock_bytes), word for word."""
     for bit_index, bit in enumerate(BITS):
         name = bit.names()[0]
         if bit in perm and _locked_by_other(fd, SHARED_BASE + bit_index):
-            raise LockConflict(errno.EAGAIN, f'Failed to get "{name}" lock: is another process using the image?')
+            raise LockConflict(errno.EAGAIN, f'Failed to get "{name}" lock')
         if bit not in shared and _locked_by_other(fd, PERM_BASE + bit_index):
-            raise LockConflict(errno.EAGAIN, f'Failed to get shared "{name}" lock: is another process using the image?')
+            raise LockConflict(errno.EAGAIN, f'Failed to get shared "{name}" lock')

@@ -39,6 +39,9 @@ class BlockNode(ABC):
 
     driver: str = "abstract"
     read_only: bool = False
+    #: blockdev's force-share (qemu-img -U): every parent's link shares everything on this node,
+    #: so its image is opened even while another process writes it. Only for read-only nodes.
+    force_share: bool = False
     #: Whether :meth:`sendfile_source` can ever return something (lets the server skip asking).
     can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.

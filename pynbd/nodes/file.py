@@ -81,6 +81,15 @@ def seek_extents(fd: int, pos: int, end: int):
         pos = hole
 
 
+class ImageLocked(BlockError):
+    """Another process holds a lock that forbids what the graph asked of the file (qemu's message;
+    ``hint`` is the line qemu's tools print under it)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(errno.EAGAIN, message)
+        self.hint = hint
+
+
 class FileNode(BlockNode):
     driver = "file"
     can_sendfile = True
@@ -92,6 +101,7 @@ class FileNode(BlockNode):
         self.fd = os.open(filename, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         st = os.fstat(self.fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self.is_regular_file = stat.S_ISREG(st.st_mode)
         self._size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
         self._can_punch = not self.is_block_device
         self._can_zero_range = not self.is_block_device
@@ -216,6 +226,8 @@ class FileNode(BlockNode):
         old = self._locked
         try:
             locks.transition(self.fd, old, (perm, shared))
+        except locks.LockConflict as exc:
+            raise ImageLocked(exc.strerror, f"Is another process using the image [{self.filename}]?") from None
         except OSError as exc:
             raise BlockError(exc.errno or errno.EAGAIN, f"{self.filename}: {exc.strerror or exc}") from None
         self._locked = (perm, shared)
@@ -248,12 +260,3 @@ class FileNode(BlockNode):
     def describe(self) -> str:
         return f"file {self.filename!r}"
 
-
-def check_raw_file(filename: str) -> None:
-    """Refuse what cannot be served as a raw image, with a message a user understands."""
-    try:
-        st = os.stat(filename)
-    except FileNotFoundError:
-        raise BlockError(errno.ENOENT, f"{filename}: no such file") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise BlockError(errno.EINVAL, f"{filename}: not a regular file or block device")

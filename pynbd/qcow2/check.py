@@ -469,7 +469,11 @@ async def _rebuild(file: FileNode, header: Header, walk: _Walk) -> None:
 
 
 async def check_image(filename: str, repair: str | None = None) -> CheckResult:
-    """Check (and with ``repair`` = "leaks" or "all", repair) a qcow2 image, as qemu-img check."""
+    """Check (and with ``repair`` = "leaks" or "all", repair) a qcow2 image, as qemu-img check.
+
+    The caller holds the image's locks (``pynbd img check`` opens the file through
+    :mod:`pynbd.daemon.open` first, a read-write open its qcow2 node); the passes here read and
+    write the file through descriptors of their own, which take no locks."""
     first = CheckResult(filename)
     fixed, first = await _check_pass(filename, repair, first)
     if first.failure:
@@ -510,12 +514,13 @@ async def _mark_consistent(filename: str) -> None:
 
 async def _repair_bitmaps(filename: str) -> list[str]:
     """Open read-write (IN_USE bitmaps load fully dirty) and close (they are stored consistent)."""
-    from pynbd.nodes.open import open_image
+    from pynbd.daemon.open import open_image
 
-    node = await open_image(filename, "qcow2", backing=False)
-    names = sorted(getattr(node, "bitmaps_found_in_use", set()))
-    await node.close()
-    return names
+    image = await open_image(filename, "qcow2", read_only=False, backing=False, locking=False)
+    try:
+        return sorted(image.node.bitmaps_found_in_use)
+    finally:
+        await image.close()
 
 
 def unsupported(fmt: str) -> BlockError:
