@@ -173,8 +173,17 @@ class Job:
             self.manager.emit(event, data)
 
     def start(self) -> None:
-        self._transition(JobStatus.CREATED)
+        if self.status is JobStatus.UNDEFINED:  # not created ahead by a transaction
+            self._transition(JobStatus.CREATED)
         self.task = asyncio.create_task(self._run(), name=f"job-{self.id}")
+
+    def discard(self) -> None:
+        """The transaction that created this job failed before it started: it goes through
+        ABORTING and CONCLUDED to NULL, with their events, as qemu's does (the transaction
+        itself undoes what the job had set up)."""
+        for status in (JobStatus.ABORTING, JobStatus.CONCLUDED, JobStatus.NULL):
+            self._transition(status)
+        self.concluded.set()
 
     @property
     def complete_requested(self) -> bool:
@@ -416,15 +425,29 @@ class JobManager:
         if self._emit is not None:
             self._emit(event, data)
 
-    def start(self, job: Job) -> Job:
+    def create(self, job: Job) -> Job:
+        """Register ``job`` (CREATED) without starting it: a transaction creates its jobs while it
+        prepares, so a later action sees their ids taken, and starts them once it has committed."""
         if not job.id:
             raise JobError("job-id is required")
         if job.id in self.jobs:
             raise JobError(f"Job ID '{job.id}' already in use")
         job.manager = self
         self.jobs[job.id] = job
+        job._transition(JobStatus.CREATED)
+        return job
+
+    def start(self, job: Job) -> Job:
+        if self.jobs.get(job.id) is not job:
+            self.create(job)
         job.start()
         return job
+
+    def discard(self, job: Job) -> None:
+        """Undo :meth:`create` for a job that never started."""
+        job.discard()
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
