@@ -149,7 +149,7 @@ class Recorder:
 
 def image_state(path: Path) -> dict:
     """A raw file's bytes; for qcow2 (whose layout differs between writers) the guest's bytes as
-    qemu-img reads them and whether qemu-img check finds it clean."""
+    qemu-img reads them, whether qemu-img check finds it clean, and its persistent bitmaps."""
     if path.suffix == ".raw":
         return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     flat = path.with_suffix(".flat")
@@ -161,7 +161,11 @@ def image_state(path: Path) -> dict:
     check = run(["qemu-img", "check", "--output=json", str(path)], check=False)
     verdict = json.loads(check.stdout) if check.stdout else {}
     clean = check.returncode == 0 and not verdict.get("leaks") and not verdict.get("corruptions")
-    return {"guest-sha256": guest, "check": "clean" if clean else check.stdout + check.stderr}
+    info = json.loads(run(["qemu-img", "info", "--output=json", str(path)]).stdout)
+    bitmaps = sorted(
+        (b["name"], b["granularity"], sorted(b["flags"])) for b in info["format-specific"]["data"].get("bitmaps", [])
+    )
+    return {"guest-sha256": guest, "check": "clean" if clean else check.stdout + check.stderr, "bitmaps": bitmaps}
 
 
 def extents(h: nbd.NBD, context: str, size: int) -> list[tuple[int, int, int]]:

@@ -142,3 +142,32 @@ def test_grouped_completion_is_refused_and_changes_nothing(start_daemon, workdir
     r.daemon.ok("transaction", actions=[bitmap("add", "b1")], properties={"completion-mode": "individual"})
     assert r.daemon.ok("x-debug-query-block-graph") == before
     assert r.daemon.ok("query-jobs") == []
+
+
+def persistent_bitmaps_then_abort(r: Recorder) -> None:
+    """A qcow2 image's persistent bitmaps: a failed transaction neither stores a new one nor drops
+    an old one from the image (qemu-img info after the daemon quit), nor marks the image."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", r.path("q.qcow2"), str(4 * MiB)])
+    make_raw(r.dir / "t.raw", 4 * MiB, {0: bytes(1)})
+    r.qmp("blockdev-add", driver="qcow2", **{"node-name": "q"}, file={"driver": "file", "filename": r.path("q.qcow2")})
+    r.qmp("blockdev-add", driver="file", **{"node-name": "t"}, filename=r.path("t.raw"))
+    r.qmp("block-dirty-bitmap-add", node="q", name="p0", persistent=True, granularity=65536)
+    r.export("q", writable=True)
+    # whole clusters: pynbd cannot yet read back a partly written last cluster of a qcow2 file
+    r.client("q", lambda h: (h.pwrite(b"\x3c" * 65536, MiB), h.flush()))
+    backup_p0 = backup("j1", "t", "incremental", bitmap="p0")
+    backup_p0["data"]["device"] = "q"
+    for actions in (
+        [{"type": "block-dirty-bitmap-add", "data": {"node": "q", "name": "p1", "persistent": True}}, ABORT],
+        [{"type": "block-dirty-bitmap-remove", "data": {"node": "q", "name": "p0"}}, ABORT],
+        [{"type": "block-dirty-bitmap-clear", "data": {"node": "q", "name": "p0"}}, backup_p0, ABORT],
+        [backup_p0, {"type": "block-dirty-bitmap-disable", "data": {"node": "q", "name": "p0"}}],  # busy
+    ):
+        r.qmp("transaction", actions=actions)
+    r.job_events("j1")
+    r.client("q", lambda h: (h.pwrite(b"\x3d" * 65536, 3 * MiB), h.flush()))
+    r.qmp("blockdev-del", **{"node-name": "t"})
+
+
+def test_a_failed_transaction_leaves_persistent_bitmaps_as_they_were(start_daemon, workdir):
+    assert_same_view(persistent_bitmaps_then_abort, start_daemon, workdir)
