@@ -129,6 +129,9 @@ def backup_with_disabled_bitmap(start_daemon, kind, workdir, sync, mode, end):
         daemon.ok("block-job-set-speed", device="j", speed=0)
         assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
     else:
+        for _ in range(10_000):  # the first chunk goes before the speed limit bites: let it land
+            if daemon.ok("query-jobs")[0]["current-progress"]:
+                break
         daemon.ok("block-job-cancel", device="j")
         daemon.wait_event("BLOCK_JOB_CANCELLED")
     h.pwrite(b"\x08" * 4096, 3 * MiB)  # after the job: still disabled

@@ -78,7 +78,9 @@ class Recorder:
     def job_events(self, *job_ids: str) -> None:
         """Record the job events of ``job_ids`` received so far (those a command emitted come
         before its reply), in order, and forget every event received."""
-        for event in self.daemon.qmp.get_events(wait=False):
+        events = [*self.daemon.backlog, *self.daemon.qmp.get_events(wait=False)]
+        self.daemon.backlog.clear()
+        for event in events:
             data = event.get("data", {})
             job = data.get("id", data.get("device"))
             if job in job_ids and event["event"].startswith(("JOB_", "BLOCK_JOB_")):

@@ -91,11 +91,14 @@ def test_a_running_jobs_freeze_cannot_be_dropped_over_qmp(chain, workdir):
     """The stream job's hold on top's backing link is not any monitor's: unfreezing is refused, the
     job finishes normally, and its clean-up leaves no filter and no freeze behind."""
     nodes_before = sorted(n["node-name"] for n in chain.ok("query-named-block-nodes"))
-    chain.ok("block-stream", **{"job-id": "s", "device": "top", "speed": 1})
+    # held until finalised: the chain stays frozen however fast the copy goes
+    chain.ok("block-stream", **{"job-id": "s", "device": "top", "auto-finalize": False})
     error = chain.fails("x-pynbd-unfreeze-link", **LINK)
     assert "none of them by this monitor" in error and "frozen 1 time" in error
     assert "frozen" in repoint(chain, "other")["error"]["desc"]
-    chain.ok("block-job-set-speed", device="s", speed=0)
+    chain.wait_event("BLOCK_JOB_PENDING", "s")
+    assert "none of them by this monitor" in chain.fails("x-pynbd-unfreeze-link", **LINK)
+    chain.ok("job-finalize", id="s")
     completed = chain.wait_event("BLOCK_JOB_COMPLETED")
     assert "error" not in completed["data"], completed
     assert sorted(n["node-name"] for n in chain.ok("query-named-block-nodes")) == nodes_before

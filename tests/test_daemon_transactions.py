@@ -118,9 +118,8 @@ def job_id_taken_by_a_running_job(r: Recorder) -> None:
     r.qmp("blockdev-del", **{"node-name": "t1"})
     r.qmp("blockdev-del", **{"node-name": "t2"})  # the running job's target: refused
     r.qmp("block-job-cancel", device="j0")
-    r.daemon.events_until("JOB_STATUS_CHANGE", "j0")  # (query-jobs then differs: qemu says "Operation canceled")
-    while r.daemon.ok("query-jobs")[0]["status"] != "concluded":
-        r.daemon.events_until("JOB_STATUS_CHANGE", "j0")
+    # (not r.wait_job: query-jobs differs there, qemu says "Operation canceled" for a cancelled job)
+    r.daemon.wait_event("JOB_STATUS_CHANGE", "j0", status="concluded")
     r.qmp("job-dismiss", id="j0")
     r.qmp("blockdev-del", **{"node-name": "t2"})
 
