@@ -126,7 +126,8 @@ class NodeBitmap:
     the node; ``busy`` ones (exported, or used by a job) may not be changed; ``persistent`` ones are
     stored in the qcow2 image; ``inconsistent`` ones were found IN_USE on disk and can only be
     removed. A backup job gives the bitmap a ``successor`` that records new writes while the job
-    reads the frozen parent.
+    reads the frozen parent; as in qemu, the successor inherits the bitmap's state, so a disabled
+    bitmap's successor records nothing (and the bitmap cannot be enabled while it is busy).
     """
 
     def __init__(
@@ -155,10 +156,9 @@ class NodeBitmap:
         return self.busy_count > 0 or self.successor is not None
 
     def mark(self, offset: int, length: int) -> None:
-        if self.successor is not None:
-            self.successor.set_range(offset, length)
-        elif self.enabled:
-            self.bitmap.set_range(offset, length)
+        if not self.enabled:
+            return
+        (self.bitmap if self.successor is None else self.successor).set_range(offset, length)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         return self.bitmap.extents(offset, length)

@@ -7,6 +7,7 @@ project's own client library, ``qemu.qmp``.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Daemon:
     qmp_path: str
     nbd_path: str
     log_path: Path
+    extra_qmp_paths: list[str] = field(default_factory=list)  # further monitors (start_daemon's monitors=)
     qmp: QEMUMonitorProtocol = field(init=False)
     backlog: list[dict] = field(init=False, default_factory=list)  # pulled, not yet asked for: oldest first
 
@@ -47,6 +49,12 @@ class Daemon:
                 self.qmp.close()
                 if attempt == 2 or self.kind != "qsd" or self.proc.poll() is not None:
                     raise AssertionError(f"{self.kind}: QMP connection failed ({exc!r}); log:\n{self.log()}") from exc
+
+    def monitor(self, index: int = 1) -> RawQMP:
+        """A raw client on another monitor (1 = the first extra one), capabilities negotiated."""
+        client = RawQMP(self.extra_qmp_paths[index - 1])
+        assert "return" in client.ask(b'{"execute": "qmp_capabilities"}'), f"{self.kind}: negotiation failed"
+        return client
 
     def uri(self, export: str) -> str:
         return f"nbd+unix:///{export}?socket={self.nbd_path}"
@@ -132,6 +140,51 @@ class Daemon:
         return self.proc.returncode
 
 
+class RawQMP:
+    """A QMP client that sends exactly the bytes it is given, and reads replies when asked: two of
+    them on two monitors can have commands in flight at the same time."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        self.buf = b""
+        self.events: list[dict] = []
+        self.greeting = self.recv()
+
+    def recv(self) -> dict:
+        """The next reply; asynchronous events that come first are kept in :attr:`events`."""
+        while True:
+            while b"\n" not in self.buf:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise EOFError(f"QMP server closed the connection (pending {self.buf[:80]!r})")
+                self.buf += data
+            line, self.buf = self.buf.split(b"\n", 1)
+            message = json.loads(line)
+            if "event" not in message:
+                return message
+            self.events.append(message)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send_command(self, command: str, /, **args) -> None:
+        """Send a command without waiting for its reply (read it later with :meth:`recv`)."""
+        self.send(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
+
+    def ask(self, data: bytes) -> dict:
+        self.send(data + b"\n")
+        return self.recv()
+
+    def cmd(self, command: str, /, **args) -> dict:
+        self.send_command(command, **args)
+        return self.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def _listen(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
@@ -139,12 +192,19 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def start_daemon(kind: str, tmp: Path, *options: str, nbd: bool = True, max_connections: int = 0) -> Daemon:
-    """Start a daemon with ``options`` (qemu-storage-daemon syntax, e.g. "--blockdev", "...")."""
+def start_daemon(
+    kind: str, tmp: Path, *options: str, nbd: bool = True, max_connections: int = 0, monitors: int = 1
+) -> Daemon:
+    """Start a daemon with ``options`` (qemu-storage-daemon syntax, e.g. "--blockdev", "...") and
+    ``monitors`` QMP monitors, each on its own socket (``--qmp`` given again for pynbd, another
+    ``--chardev``/``--monitor`` pair for qemu-storage-daemon)."""
     index = len(list(tmp.glob(f"{kind}-*.log")))
     qmp_path, nbd_path = tmp / f"{kind}{index}-qmp.sock", tmp / f"{kind}{index}-nbd.sock"
     qmp_sock = _listen(qmp_path)
-    fds = [qmp_sock.fileno()]
+    extra_paths = [tmp / f"{kind}{index}-qmp{n}.sock" for n in range(1, monitors)]
+    extra_socks = [_listen(path) for path in extra_paths]
+    qmp_socks = [qmp_sock, *extra_socks]
+    fds = [sock.fileno() for sock in qmp_socks]
     extra = []
     if nbd:
         nbd_sock = _listen(nbd_path)
@@ -154,25 +214,29 @@ def start_daemon(kind: str, tmp: Path, *options: str, nbd: bool = True, max_conn
             server += f",max-connections={max_connections}"
         extra = ["--nbd-server", server]
     if kind == "pynbd":
-        argv = [PYNBD, "daemon", "--qmp", f"fd:{qmp_sock.fileno()}"]
+        argv = [PYNBD, "daemon"]
+        for sock in qmp_socks:
+            argv += ["--qmp", f"fd:{sock.fileno()}"]
     else:
-        argv = [
-            "qemu-storage-daemon",
-            "--chardev",
-            f"socket,fd={qmp_sock.fileno()},server=on,wait=off,id=qmp0",
-            "--monitor",
-            "chardev=qmp0",
-        ]
+        argv = ["qemu-storage-daemon"]
+        for n, sock in enumerate(qmp_socks):
+            argv += [
+                "--chardev",
+                f"socket,fd={sock.fileno()},server=on,wait=off,id=qmp{n}",
+                "--monitor",
+                f"chardev=qmp{n}",
+            ]
     # options that need the NBD server (--export) must come after it, as qemu requires
     before = [o for i, o in enumerate(options) if not _is_export(options, i)]
     after = [o for i, o in enumerate(options) if _is_export(options, i)]
     log_path = tmp / f"{kind}-{index}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*argv, *before, *extra, *after], pass_fds=fds, stdout=log, stderr=subprocess.STDOUT)
-    qmp_sock.close()
+    for sock in qmp_socks:
+        sock.close()
     if nbd:
         nbd_sock.close()
-    return Daemon(kind, proc, str(qmp_path), str(nbd_path), log_path)
+    return Daemon(kind, proc, str(qmp_path), str(nbd_path), log_path, [str(path) for path in extra_paths])
 
 
 def _is_export(options: tuple[str, ...], i: int) -> bool:

@@ -179,3 +179,33 @@ def test_fleecing_new_way_inserted_atomically_with_the_checkpoint(start_daemon, 
     daemon.ok("blockdev-del", **{"node-name": "cbw"})
     nodes = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}
     assert {b["name"]: b["count"] for b in nodes["d0"]["dirty-bitmaps"]} == {"c0": 65536, "c1": 16 * 65536}
+
+
+def test_a_failed_transaction_leaves_an_inserted_filters_fleecing_point_alone(start_daemon, setup, workdir):
+    """pynbd only. Re-inserting (or removing) an inserted copy-before-write filter in a transaction
+    that then fails changes nothing: the filter keeps what it copied, so the snapshot still reads
+    the disk as it was when the filter went in, and it keeps copying."""
+    disk, target, original = setup
+    daemon = start(start_daemon, "pynbd", disk, target)
+    daemon.ok("blockdev-add", driver="copy-before-write", file="d0", target="t0", **{"node-name": "cbw"})
+    daemon.ok("blockdev-insert-filter", filter="cbw")
+    daemon.ok("blockdev-add", driver="snapshot-access", file="cbw", **{"node-name": "snap"})
+    daemon.ok("block-export-add", type="nbd", id="f", **{"node-name": "snap"}, name="fleece")
+    writer = nbd.NBD()
+    writer.connect_uri(daemon.uri("w"))
+    reader = nbd.NBD()
+    reader.connect_uri(daemon.uri("fleece"))
+    try:
+        writer.pwrite(b"\x01" * 65536, 0)  # copied to the target first
+        for change in ("blockdev-insert-filter", "blockdev-remove-filter"):
+            error = daemon.fails(
+                "transaction", actions=[{"type": change, "data": {"filter": "cbw"}}, {"type": "abort", "data": {}}]
+            )
+            assert "Abort action" in error
+        writer.pwrite(b"\x02" * 65536, 4 * MiB)  # still goes through the filter, still copied
+        writer.flush()
+        assert reader.pread(SIZE, 0) == original
+        assert disk.read_bytes()[:65536] == b"\x01" * 65536
+    finally:
+        reader.shutdown()
+        writer.shutdown()

@@ -5,7 +5,7 @@ import nbd
 import pytest
 
 from tests.daemons import KINDS
-from tests.peers import run
+from tests.peers import nbdinfo_map, run
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -100,3 +100,69 @@ def test_sync_top_copies_only_the_top_layer(kind, start_daemon, workdir):
     copied = target.read_bytes()
     assert copied[MiB : MiB + 65536] == b"\x22" * 65536
     assert copied[:MiB] == bytes(MiB)  # base data is not the top layer's
+
+
+def dirty_extents(daemon, node, name):
+    """The bitmap's dirty (offset, length) runs, read through an export with its qemu:dirty-bitmap context."""
+    daemon.ok("block-export-add", type="nbd", id="map", **{"node-name": node}, name="map", bitmaps=[name])
+    try:
+        extents = nbdinfo_map(daemon.uri("map"), context=f"qemu:dirty-bitmap:{name}")
+    finally:
+        daemon.ok("block-export-del", id="map")
+        daemon.wait_event("BLOCK_EXPORT_DELETED")
+    return [(offset, length) for offset, length, flags in extents if flags & 1]
+
+
+def backup_with_disabled_bitmap(start_daemon, kind, workdir, sync, mode, end):
+    """b0 holds the writes at 1 MiB and 5 MiB and is disabled; a crawling backup from it runs while
+    the guest writes at 7 MiB, then completes or is cancelled. Returns what b0 looks like then."""
+    daemon, h, disk, target = setup(start_daemon, kind, workdir)
+    daemon.ok("block-dirty-bitmap-disable", node="d0", name="b0")
+    options = {"bitmap-mode": mode} if mode else {}
+    job = {"job-id": "j", "device": "d0", "target": "t0", "sync": sync, "bitmap": "b0", "speed": 1, **options}
+    daemon.ok("blockdev-backup", **job)
+    h.pwrite(b"\x07" * 4096, 7 * MiB)  # during the job: a disabled bitmap must not record it
+    h.flush()
+    [info] = [b for b in bitmaps_of(daemon, "d0") if b.get("name") == "b0"]  # qemu also lists its job's anonymous ones
+    assert info["busy"] and not info["recording"], info
+    if end == "complete":
+        daemon.ok("block-job-set-speed", device="j", speed=0)
+        assert "error" not in daemon.wait_event("BLOCK_JOB_COMPLETED")["data"]
+    else:
+        for _ in range(10_000):  # the first chunk goes before the speed limit bites: let it land
+            if daemon.ok("query-jobs")[0]["current-progress"]:
+                break
+        daemon.ok("block-job-cancel", device="j")
+        daemon.wait_event("BLOCK_JOB_CANCELLED")
+    h.pwrite(b"\x08" * 4096, 3 * MiB)  # after the job: still disabled
+    h.shutdown()
+    [info] = [b for b in bitmaps_of(daemon, "d0") if b.get("name") == "b0"]
+    return {"info": info, "dirty": dirty_extents(daemon, "d0", "b0")}
+
+
+def bitmaps_of(daemon, node):
+    nodes = {n["node-name"]: n for n in daemon.ok("query-named-block-nodes")}
+    return nodes[node].get("dirty-bitmaps", [])
+
+
+@pytest.mark.parametrize("end", ["complete", "cancel"])
+@pytest.mark.parametrize(
+    ("sync", "mode"), [("incremental", None), ("bitmap", "on-success"), ("bitmap", "never"), ("bitmap", "always")]
+)
+def test_a_disabled_bitmap_records_nothing_during_its_backup(sync, mode, end, start_daemon, workdir):
+    """qemu's successor inherits the disabled state: the guest's write during the job is in the
+    bitmap afterwards in no mode, whether the job completes or is cancelled."""
+    seen = {kind: backup_with_disabled_bitmap(start_daemon, kind, workdir, sync, mode, end) for kind in KINDS}
+    assert seen["pynbd"] == seen["qsd"]
+    dirty, info = seen["pynbd"]["dirty"], seen["pynbd"]["info"]
+    assert not info["recording"] and not info["busy"]
+    assert info["count"] == sum(length for _, length in dirty)
+    assert all(not (offset <= 7 * MiB < offset + length) for offset, length in dirty), dirty
+    assert all(not (offset <= 3 * MiB < offset + length) for offset, length in dirty), dirty
+    emptied = end == "complete" and mode != "never"  # the (empty) successor took the bitmap's place
+    if emptied:
+        assert dirty == []
+    elif end == "cancel" and mode == "always":
+        assert dirty == [(5 * MiB, 65536)]  # what was not copied (the first chunk at 1 MiB was)
+    else:
+        assert dirty == [(MiB, 65536), (5 * MiB, 65536)]  # taken back as it was

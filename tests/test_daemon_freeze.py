@@ -1,7 +1,9 @@
 """Frozen child links over QMP: a counter, so several holders (jobs, or x-pynbd-freeze-link) can
 freeze the same link, and it can change only once every one of them has let go.
 
-qemu has a flag instead, and no command to set it: these tests are pynbd's own.
+qemu has a flag instead, and no command to set it: these tests are pynbd's own. A hold taken over
+QMP belongs to the monitor that took it: no other monitor, and no monitor at all for a job's hold,
+can drop it, and it goes when its monitor disconnects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def chain(start_daemon, workdir):
     for name in ("base", "other", "top"):
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(workdir / f"{name}.qcow2"), str(MiB)])
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 1M", str(workdir / "base.qcow2")])  # for stream to copy
-    daemon = start_daemon("pynbd")
+    daemon = start_daemon("pynbd", monitors=2)
     for name in ("base", "other"):
         daemon.ok(
             "blockdev-add", driver="file", **{"node-name": f"{name}-file"}, filename=str(workdir / f"{name}.qcow2")
@@ -73,3 +75,71 @@ def test_freezing_needs_an_existing_link(chain):
     chain.fails("x-pynbd-freeze-link", **{"node-name": "nope", "child": "backing"})
     assert "no child" in chain.fails("x-pynbd-freeze-link", **{"node-name": "base-file", "child": "backing"})
     chain.fails("x-pynbd-freeze-link", **{"node-name": "top"})  # child missing
+
+
+LINK = {"node-name": "top", "child": "backing"}
+
+
+def freeze_count(monitor) -> int:
+    """The link's freeze count as ``monitor`` sees it (a freeze and an unfreeze of its own)."""
+    count = monitor.cmd("x-pynbd-freeze-link", **LINK)["return"]["freeze-count"]
+    assert monitor.cmd("x-pynbd-unfreeze-link", **LINK)["return"]["freeze-count"] == count - 1
+    return count - 1
+
+
+def test_a_running_jobs_freeze_cannot_be_dropped_over_qmp(chain, workdir):
+    """The stream job's hold on top's backing link is not any monitor's: unfreezing is refused, the
+    job finishes normally, and its clean-up leaves no filter and no freeze behind."""
+    nodes_before = sorted(n["node-name"] for n in chain.ok("query-named-block-nodes"))
+    # held until finalised: the chain stays frozen however fast the copy goes
+    chain.ok("block-stream", **{"job-id": "s", "device": "top", "auto-finalize": False})
+    error = chain.fails("x-pynbd-unfreeze-link", **LINK)
+    assert "none of them by this monitor" in error and "frozen 1 time" in error
+    assert "frozen" in repoint(chain, "other")["error"]["desc"]
+    chain.wait_event("BLOCK_JOB_PENDING", "s")
+    assert "none of them by this monitor" in chain.fails("x-pynbd-unfreeze-link", **LINK)
+    chain.ok("job-finalize", id="s")
+    completed = chain.wait_event("BLOCK_JOB_COMPLETED")
+    assert "error" not in completed["data"], completed
+    assert sorted(n["node-name"] for n in chain.ok("query-named-block-nodes")) == nodes_before
+    assert "backing_file" not in [n for n in chain.ok("query-named-block-nodes") if n["node-name"] == "top"][0]
+    graph = chain.ok("x-debug-query-block-graph")
+    assert [n["name"] for n in graph["nodes"] if n["name"].startswith("#")] == []  # the job's filter went
+    assert chain.fails("x-pynbd-unfreeze-link", **{"node-name": "base", "child": "file"}).endswith("is not frozen")
+    assert chain.stop() == 0
+    top = str(workdir / "top.qcow2")
+    run(["qemu-img", "check", top])
+    assert "backing file" not in run(["qemu-img", "info", top]).stdout
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x42 0 1M", top])  # base's data, streamed up
+
+
+def test_a_hold_belongs_to_its_monitor_and_goes_with_it(chain, workdir):
+    first = chain.qmp  # monitor A: the daemon's first socket
+    second = chain.monitor()  # monitor B: another socket
+    try:
+        assert chain.ok("x-pynbd-freeze-link", **LINK) == {"freeze-count": 1}
+        assert chain.ok("x-pynbd-freeze-link", **LINK) == {"freeze-count": 2}
+        refused = second.cmd("x-pynbd-unfreeze-link", **LINK)["error"]["desc"]
+        assert "frozen 2 time(s), none of them by this monitor" in refused
+        assert second.cmd("x-pynbd-freeze-link", **LINK)["return"] == {"freeze-count": 3}
+        assert chain.ok("x-pynbd-unfreeze-link", **LINK) == {"freeze-count": 2}  # A drops one of its own
+        assert "frozen" in repoint(chain, "other")["error"]["desc"]
+        first.close()  # A goes: its remaining hold goes with it, B's stays
+        for _ in range(1000):  # each round trip lets the daemon see A's end of file
+            if freeze_count(second) == 1:
+                break
+        assert freeze_count(second) == 1
+        assert (
+            "frozen"
+            in second.cmd(
+                "blockdev-reopen",
+                options=[{"driver": "qcow2", "node-name": "top", "file": "top-file", "backing": "other"}],
+            )["error"]["desc"]
+        )
+        assert second.cmd("x-pynbd-unfreeze-link", **LINK)["return"] == {"freeze-count": 0}
+        reopened = second.cmd(
+            "blockdev-reopen", options=[{"driver": "qcow2", "node-name": "top", "file": "top-file", "backing": "other"}]
+        )
+        assert "return" in reopened, reopened
+    finally:
+        second.close()

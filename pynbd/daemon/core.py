@@ -3,6 +3,12 @@
 It is the counterpart of qemu-storage-daemon. Command modules (``blockdev``, ``exports``,
 ``objects``, ``misc``) register their QMP handlers in :mod:`pynbd.daemon.registry`; the daemon
 checks arguments against each command's spec and dispatches.
+
+Commands run one at a time across all monitors, as under qemu's big lock: a command that waits
+(closing an image, draining requests, connecting to an NBD server) finishes before any other
+monitor's command starts, so none sees another's change half-done. No command waits for a job to
+finish (jobs run on their own and report by events), and events are sent without waiting for the
+clients to read them, so a job or a slow client never holds the other monitors up.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.daemon.registry import COMMANDS
-from pynbd.graph.core import BlockGraph, GraphError
+from pynbd.graph.core import BlockGraph, ChildLink, GraphError
 from pynbd.graph.io import drained
 from pynbd.jobs.core import JobError, JobManager
 from pynbd.nodes.base import BlockError, BlockNode
@@ -28,6 +34,20 @@ VERSION = (7, 2, 0)  # the qemu-storage-daemon QMP dialect we speak
 PACKAGE = "pynbd 0.1.0"
 
 
+class Monitor:
+    """One QMP connection, as the daemon sees it: the holds it took, which only it may drop and
+    which go when it disconnects (a client cannot leave a link frozen behind it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frozen_links: list[ChildLink] = []  # one entry per x-pynbd-freeze-link (a link may repeat)
+
+    def release(self) -> None:
+        for link in reversed(self.frozen_links):
+            link.unfreeze()
+        self.frozen_links.clear()
+
+
 class Daemon:
     def __init__(self) -> None:
         self.graph = BlockGraph()
@@ -36,9 +56,12 @@ class Daemon:
         self.exports: dict[str, Any] = {}  # export id -> DaemonExport (pynbd.daemon.exports)
         self.objects: dict[str, Any] = {}  # object id -> object (pynbd.daemon.objects)
         self.monitor_owned: set[str] = set()  # node-names added by blockdev-add (deletable)
-        self.jobs = JobManager(emit=self.emit)
+        # one command at a time, across all monitors (FIFO); jobs take it for their graph changes
+        self.command_lock = asyncio.Lock()
+        self.jobs = JobManager(emit=self.emit, graph_lock=self.command_lock)
         self._listeners: list[Callable[[str, dict], None]] = []
         self.quit = asyncio.Event()
+        self.caller: Monitor | None = None  # the monitor whose command runs (None: the command line)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -55,8 +78,17 @@ class Daemon:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def execute(self, name: str, arguments: Any, keyval: bool = False) -> Any:
-        """Run one QMP command; every refusal is a QMPError and leaves the daemon as it was."""
+    async def execute(self, name: str, arguments: Any, keyval: bool = False, monitor: Monitor | None = None) -> Any:
+        """Run one QMP command for ``monitor``, once no other command is running; every refusal
+        is a QMPError and leaves the daemon as it was."""
+        async with self.command_lock:
+            self.caller = monitor
+            try:
+                return await self._execute(name, arguments, keyval)
+            finally:
+                self.caller = None
+
+    async def _execute(self, name: str, arguments: Any, keyval: bool) -> Any:
         cmd = COMMANDS.get(name)
         if cmd is None:
             raise QMPError(f"The command {name} has not been found", "CommandNotFound")

@@ -75,9 +75,11 @@ async def insert_filter_action(daemon: Daemon, args: dict, tran: Transaction) ->
     """Every user of the filter's child now goes through the filter (pynbd extension)."""
     filt = daemon.node(args["filter"])
     below = _filter_child(filt)
-    if isinstance(filt, CopyBeforeWriteNode):
-        filt.activate()  # the point in time is the moment of insertion
     daemon.graph.replace_node(below, filt, keep=[filt.children["file"]], tran=tran)
+    if isinstance(filt, CopyBeforeWriteNode):
+        # the point in time is the moment of insertion, when the whole transaction commits (the
+        # graph is drained until then); a failed transaction leaves the filter's state alone
+        tran.add(commit=filt.activate)
 
 
 @action("blockdev-remove-filter", {"filter": "str"})

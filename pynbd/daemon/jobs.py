@@ -10,6 +10,7 @@ from pynbd.graph.transaction import Transaction
 from pynbd.jobs.backup import SYNC_MODES, BackupJob
 from pynbd.jobs.copy import ERROR_POLICIES
 from pynbd.jobs.core import Job, JobError
+from pynbd.nodes.base import BlockNode
 from pynbd.qmp.protocol import QMPError
 
 BACKUP_SPEC = {
@@ -30,10 +31,22 @@ BACKUP_SPEC = {
 }
 
 
+def refuse_job_node(daemon: Daemon, node: BlockNode) -> None:
+    """As qemu's op blockers: a node a block job works on (its filter, its target) cannot be the
+    source or target of a backup. (Nodes further up or down the chain can.)"""
+    for link in node.parents:
+        if link.is_root and link.parent.kind == "block-job":
+            job = daemon.jobs.jobs.get(link.parent.name)
+            what = job.job_type if job is not None else link.parent.description
+            raise QMPError(f"Node '{node.node_name}' is busy: block device is in use by block job: {what}")
+
+
 @action("blockdev-backup", BACKUP_SPEC)
 async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
     source = daemon.node(args["device"])
     target = daemon.node(args["target"])
+    refuse_job_node(daemon, source)
+    refuse_job_node(daemon, target)
     job_id = job_id_of(daemon, args)
     sync, bitmap = args["sync"], None
     mode = args.get("bitmap-mode")
@@ -75,6 +88,10 @@ async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
         speed=args.get("speed", 0),
     )
     job.install(tran)
+    # created now, as qemu does while preparing, so that a later action of the same transaction
+    # finds its id taken; if the transaction fails the job goes away (with qemu's events) unstarted
+    daemon.jobs.create(job)
+    tran.add(abort=lambda: daemon.jobs.discard(job))
 
     async def start() -> None:
         daemon.jobs.start(job)

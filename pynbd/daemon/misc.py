@@ -25,9 +25,15 @@ async def quit_(daemon: Daemon, args: dict) -> None:
     daemon.quit.set()
 
 
-@command("transaction", {"actions": [{"type": "str", "*data": "any"}], "*properties": "any"})
+@command(
+    "transaction",
+    {"actions": [{"type": "str", "*data": "any"}], "*properties": {"*completion-mode": ("individual", "grouped")}},
+)
 async def transaction(daemon: Daemon, args: dict) -> None:
-    """Every action prepares inside one graph transaction; if any fails, all are undone."""
+    """Every action prepares inside one graph transaction; if any fails, all are undone, including
+    the jobs the actions created (registered while preparing, started only after the commit)."""
+    if args.get("properties", {}).get("completion-mode", "individual") != "individual":
+        raise QMPError("Transaction property completion-mode = grouped is not supported: jobs complete individually")
     prepared = []
     for index, item in enumerate(args["actions"]):
         action = ACTIONS.get(item["type"])

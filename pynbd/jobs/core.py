@@ -9,6 +9,7 @@ qemu-storage-daemon. A job's work is one coroutine (:meth:`Job.work`) that calls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -173,8 +174,17 @@ class Job:
             self.manager.emit(event, data)
 
     def start(self) -> None:
-        self._transition(JobStatus.CREATED)
+        if self.status is JobStatus.UNDEFINED:  # not created ahead by a transaction
+            self._transition(JobStatus.CREATED)
         self.task = asyncio.create_task(self._run(), name=f"job-{self.id}")
+
+    def discard(self) -> None:
+        """The transaction that created this job failed before it started: it goes through
+        ABORTING and CONCLUDED to NULL, with their events, as qemu's does (the transaction
+        itself undoes what the job had set up)."""
+        for status in (JobStatus.ABORTING, JobStatus.CONCLUDED, JobStatus.NULL):
+            self._transition(status)
+        self.concluded.set()
 
     @property
     def complete_requested(self) -> bool:
@@ -321,6 +331,14 @@ class Job:
             self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
             if not self.auto_finalize:
                 await self._finalize.wait()
+        # the graph changes of the end run as a QMP command does: never interleaved with one
+        async with self.manager.graph_lock if self.manager is not None else contextlib.nullcontext():
+            await self._settle(failed)
+        self._conclude()
+
+    async def _settle(self, failed: bool) -> None:
+        """prepare (success), abort (failure or cancel), clean (always)."""
+        if not failed:
             if self.cancelled and self.force_cancel:
                 failed = True
             else:
@@ -344,6 +362,8 @@ class Job:
             await self.clean()
         except Exception:
             log.exception("job %s: clean-up failed", self.id)
+
+    def _conclude(self) -> None:
         if self.is_block_job:
             data = self._block_event_data()
             if self.error is not None:
@@ -408,23 +428,40 @@ class Job:
 class JobManager:
     """All jobs of a daemon by id; forwards their events to the QMP layer."""
 
-    def __init__(self, emit: EventSink | None = None) -> None:
+    def __init__(self, emit: EventSink | None = None, graph_lock: asyncio.Lock | None = None) -> None:
         self.jobs: dict[str, Job] = {}
         self._emit = emit
+        #: the daemon's command lock: a job's end (pivot, filter removal) never interleaves with
+        #: a QMP command's graph changes
+        self.graph_lock = graph_lock or asyncio.Lock()
 
     def emit(self, event: str, data: dict) -> None:
         if self._emit is not None:
             self._emit(event, data)
 
-    def start(self, job: Job) -> Job:
+    def create(self, job: Job) -> Job:
+        """Register ``job`` (CREATED) without starting it: a transaction creates its jobs while it
+        prepares, so a later action sees their ids taken, and starts them once it has committed."""
         if not job.id:
             raise JobError("job-id is required")
         if job.id in self.jobs:
             raise JobError(f"Job ID '{job.id}' already in use")
         job.manager = self
         self.jobs[job.id] = job
+        job._transition(JobStatus.CREATED)
+        return job
+
+    def start(self, job: Job) -> Job:
+        if self.jobs.get(job.id) is not job:
+            self.create(job)
         job.start()
         return job
+
+    def discard(self, job: Job) -> None:
+        """Undo :meth:`create` for a job that never started."""
+        job.discard()
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

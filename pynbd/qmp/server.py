@@ -1,9 +1,10 @@
 """The QMP monitor: greeting, capabilities negotiation, commands, asynchronous events.
 
 QMP is a control channel, not a data path, so asyncio streams serve it well. Each client's
-commands run one at a time, in order, as in qemu's monitor; events go to every client that has
-finished capabilities negotiation. A client sending garbage gets an error reply and stays
-connected; one that vanishes only loses its own connection.
+commands run one at a time, in order, as in qemu's monitor, and the daemon runs one command at a
+time across all clients (:meth:`pynbd.daemon.core.Daemon.execute`); events go to every client that
+has finished capabilities negotiation. A client sending garbage gets an error reply and stays
+connected; one that vanishes only loses its own connection, and the holds it took.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import socket
 from typing import Any
 
+from pynbd.daemon.core import Monitor
 from pynbd.qmp.protocol import MessageDecoder, QMPError, encode, error_response, greeting, response
 from pynbd.qmp.protocol import event as make_event
 
@@ -26,6 +28,7 @@ class QMPServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._clients: set[asyncio.Task] = set()
         self._paths: list[str] = []
+        self._count = 0  # connections so far: names each client's monitor
 
     async def listen(self, spec: str) -> None:
         """``unix:PATH``, ``tcp:HOST:PORT`` or ``fd:N`` (an already listening socket)."""
@@ -63,7 +66,8 @@ class QMPServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._clients.add(task)
-        session = QMPSession(self.daemon, writer)
+        self._count += 1
+        session = QMPSession(self.daemon, writer, Monitor(f"QMP client {self._count}"))
         try:
             await session.run(reader)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -76,9 +80,10 @@ class QMPServer:
 
 
 class QMPSession:
-    def __init__(self, daemon, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, daemon, writer: asyncio.StreamWriter, monitor: Monitor) -> None:
         self.daemon = daemon
         self.writer = writer
+        self.monitor = monitor
         self.negotiated = False
         self._unsubscribe = None
 
@@ -136,7 +141,7 @@ class QMPSession:
                 QMPError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound"), msg_id
             )
         try:
-            result = await self.daemon.execute(name, arguments)
+            result = await self.daemon.execute(name, arguments, monitor=self.monitor)
         except QMPError as exc:
             log.info("QMP %s refused: %s", name, exc.desc)
             return error_response(exc, msg_id)
@@ -148,4 +153,5 @@ class QMPSession:
     def close(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
+        self.monitor.release()
         self.writer.close()
