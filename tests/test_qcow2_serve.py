@@ -138,3 +138,20 @@ def test_sigkill_mid_write_leaves_only_leaks_and_a_fully_dirty_bitmap(workdir: P
     assert data == expected
     assert run([PYNBD, "img", "check", "-r", "all", str(path)], check=False).returncode == 0
     assert run(["qemu-img", "check", str(path)], check=False).returncode == 0
+
+
+def test_a_partly_written_last_cluster_reads_back(workdir: Path, start_pynbd, start_qemu_nbd) -> None:
+    """The image file ends inside its last data cluster: reading and mapping that cluster asks the
+    file for bytes past its end, which read as zeroes (as in qemu), not as an error."""
+    image = workdir / "tail.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"])
+    server = start_pynbd(str(image))
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    h.pwrite(b"x" * 4096, 3 << 20)
+    assert h.pread(1 << 20, 3 << 20) == b"x" * 4096 + bytes((1 << 20) - 4096)
+    h.shutdown()
+    server.stop()
+    run(["qemu-img", "check", str(image)])
+    reference = start_qemu_nbd("-r", "-f", "qcow2", str(image))
+    assert nbdinfo_map(reference.uri)[-2:] == nbdinfo_map(start_pynbd("-r", str(image)).uri)[-2:]

@@ -41,12 +41,27 @@ from typing import TYPE_CHECKING
 
 from pynbd.errors import BlockError
 from pynbd.graph.perms import Perm
+from pynbd.protocol.constants import State
 
 if TYPE_CHECKING:
     from pynbd.graph.core import GraphUser
     from pynbd.nodes.base import BlockNode, Extent
 
 WRITING = Perm.WRITE | Perm.WRITE_UNCHANGED
+HOLE_ZERO = int(State.HOLE | State.ZERO)
+
+
+def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
+    """Join neighbouring extents of equal status; drop empty ones."""
+    merged: list[Extent] = []
+    for length, state in extents:
+        if not length:
+            continue
+        if merged and merged[-1][1] == state:
+            merged[-1] = (merged[-1][0] + length, state)
+        else:
+            merged.append((length, state))
+    return merged
 
 #: The root user whose :meth:`GraphUser.busy` section the current task runs in: its requests
 #: were admitted with the section and do not wait at the gate again.
@@ -291,6 +306,14 @@ class RequestGate:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         node, key = await self._enter(offset, offset + length)
         try:
+            size = node.size
+            if offset >= 0 and offset + length > size:
+                # past the end is a hole reading as zeroes, as read_into makes it (a format asking
+                # its file about its whole last cluster)
+                inside = max(0, size - offset)
+                self._check_range(node, offset, inside)
+                extents = await node.block_status(offset, inside) if inside else []
+                return merge_extents([*extents, (length - inside, HOLE_ZERO)])
             self._check_range(node, offset, length)
             return await node.block_status(offset, length)
         finally:

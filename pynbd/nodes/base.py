@@ -12,13 +12,12 @@ links the same way.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from pynbd.bitmap import NodeBitmap
 from pynbd.errors import BlockError, NotFast
-from pynbd.graph.io import NodeRequests
+from pynbd.graph.io import HOLE_ZERO, NodeRequests, merge_extents
 from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
 
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
     from pynbd.graph.transaction import Transaction
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
-__all__ = ["BACKGROUND_IO", "BlockError", "BlockNode", "Extent", "FilterNode", "NotFast", "merge_extents"]
+__all__ = ["BACKGROUND_IO", "HOLE_ZERO", "BlockError", "BlockNode", "Extent", "FilterNode", "NotFast", "merge_extents"]
 
 #: True while the current task does a job's background copying: nodes that queue blocking I/O
 #: (file.py) put such requests behind the clients' own, so a backup never starves the guest.
@@ -165,20 +164,6 @@ class BlockNode(ABC):
         return f"{self.driver} node {self.node_name!r}"
 
 
-def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
-    """Join neighbouring extents of equal status; drop empty ones."""
-    merged: list[Extent] = []
-    for length, state in extents:
-        if not length:
-            continue
-        if merged and merged[-1][1] == state:
-            merged[-1] = (merged[-1][0] + length, state)
-        else:
-            merged.append((length, state))
-    return merged
-
-
-HOLE_ZERO = int(State.HOLE | State.ZERO)
 DATA = int(State.DATA)
 
 
