@@ -259,3 +259,28 @@ def test_a_cancelled_range_lock_waiter_leaves_the_range_to_others():
             pass
 
     run(scenario())
+
+
+def test_a_cancelled_file_request_waits_for_its_worker_thread():
+    """The thread may still be filling the caller's buffer: the request ends only when it is done."""
+    import threading
+
+    from pynbd.nodes.file import _blocking
+
+    async def scenario():
+        started, release = threading.Event(), threading.Event()
+
+        def slow_read() -> None:
+            started.set()
+            release.wait(30)
+
+        task = asyncio.create_task(_blocking(slow_read))
+        await asyncio.to_thread(started.wait, 30)
+        task.cancel()
+        await settle()
+        assert not task.done()  # still waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())

@@ -10,14 +10,17 @@ commit is the same with the target being the source's own base, and the chain be
 for the job's lifetime.
 
 Convergence: the first pass gives way to client requests (pynbd.priority), so a backup-sized copy
-does not stretch guest latency; later passes, which chase what guests keep dirtying, do not, so
-the job reaches READY under a steady writer as qemu's does.
+does not stretch guest latency; later passes, which chase what guests keep dirtying, do not; and
+if a pass does not at least halve what is dirty, the filter switches to write-blocking (qemu's
+``copy-mode=write-blocking``), after which the dirty set can only shrink: the job reaches READY
+under a steady writer, as qemu's does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 
 from pynbd.graph.core import BlockGraph, GraphUser, chain_links
 from pynbd.graph.io import drained
@@ -27,6 +30,8 @@ from pynbd.jobs.copy import CopyEngine, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled, JobStatus
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.mirror_top import MirrorTopNode
+
+log = logging.getLogger("pynbd.mirror")
 
 
 class MirrorJob(Job):
@@ -128,13 +133,22 @@ class MirrorJob(Job):
                 top.dirty.set_range(offset, length)
                 raise
 
-    async def _copy_dirty(self, engine: CopyEngine) -> None:
+    async def _copy_dirty(self, engine: CopyEngine, converge: bool = False) -> None:
+        """Copy until nothing is dirty. With ``converge``, a pass that does not at least halve what
+        is dirty (guests dirty about as fast as the job copies) switches the filter to
+        write-blocking, qemu's active mode: guest writes then reach both sides before they are
+        acknowledged and dirty nothing, so what is left only shrinks and the job reaches READY."""
+        before = None
         while True:
             ranges = self.top.dirty.dirty_ranges()
             if not ranges:
                 return
             self.top.new_dirt.clear()
             total = sum(length for _, length in ranges)
+            if converge and before is not None and total * 2 > before and not self.top.write_blocking:
+                log.info("mirror %s: guests dirty as fast as it copies; switching to write-blocking", self.id)
+                self.top.write_blocking = True
+            before = total
             self.total_progress = max(self.total_progress, self.current_progress + total)
             await engine.run(ranges)
 
@@ -152,7 +166,7 @@ class MirrorJob(Job):
         await self._initial_dirty()
         await self._copy_dirty(self._engine(yield_to_clients=True))
         engine = self._engine(yield_to_clients=False)
-        await self._copy_dirty(engine)
+        await self._copy_dirty(engine, converge=True)
         self.set_ready()
         while not self.complete_requested:
             waiter = asyncio.create_task(self.top.new_dirt.wait())

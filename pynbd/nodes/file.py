@@ -9,6 +9,7 @@ Allocation comes from SEEK_DATA/SEEK_HOLE, and zeroing and trimming punch holes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -48,8 +49,17 @@ _BACKGROUND_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pynbd-b
 
 
 async def _blocking(fn, *args):
+    """Run ``fn`` in a worker thread. A caller cancelled meanwhile still waits for the thread to
+    finish before its CancelledError goes on: the thread may be filling the caller's buffer, and
+    the request gate must not count the request as ended (drain) while the file is still used."""
     pool = _BACKGROUND_POOL if BACKGROUND_IO.get() else _CLIENT_POOL
-    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
