@@ -246,8 +246,8 @@ class Writer(threading.Thread):
     model when issued and when answered.
 
     Failed requests are collected in :attr:`errors` (the writer goes on); after
-    :meth:`expect_disconnect` (the server is about to be killed) they are not errors: whatever was
-    in flight stays "never acknowledged"."""
+    :meth:`expect_disconnect` (the server is about to be killed) they are not: whatever was in
+    flight then stays "never acknowledged". Requests that failed before still count."""
 
     def __init__(
         self, uri: str, model: Model, seed: int, depth: int = 4, rate: float = 200, max_blocks: int = 16
@@ -300,7 +300,7 @@ class Writer(threading.Thread):
         self.join(timeout)
         if self.is_alive():
             raise AssertionError(f"writer: {len(self.inflight)} requests still unanswered after {timeout}s")
-        return [] if self._disconnect_expected.is_set() else self.problems()
+        return self.problems()
 
     def in_flight(self) -> int:
         return len(self.inflight)
