@@ -31,7 +31,9 @@ EVAL_SCRIPTS = {
     "thread_model": "echo parallel",
     "pread": "dd if={disk} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
     "pwrite": (
-        "if [ -e {armed} ]; then rm -f {armed}; echo arrived > {arrived}; read x < {release}; fi; "
+        # bounded, so a held write never outlives a failed test by long
+        "if [ -e {armed} ]; then rm -f {armed}; timeout 120 sh -c 'echo arrived > {arrived}'; "
+        "timeout 120 sh -c 'read x < {release}'; fi; "
         "dd of={disk} seek=$4 oflag=seek_bytes conv=notrunc status=none"
     ),
 }
@@ -64,6 +66,18 @@ class GatedRemote:
             fifo.write("go\n")
 
     def stop(self) -> None:
+        """Stop nbdkit, first letting go of a write still held (its script would outlive nbdkit)."""
+        self.armed.unlink(missing_ok=True)
+        for fifo, mode in ((self.arrived, os.O_RDONLY), (self.release_fifo, os.O_WRONLY)):
+            try:
+                fd = os.open(fifo, mode | os.O_NONBLOCK)  # ENXIO: nobody waits on a write end
+            except OSError:
+                continue
+            try:
+                if mode == os.O_WRONLY:
+                    os.write(fd, b"go\n")
+            finally:
+                os.close(fd)
         self.server.stop()
 
 

@@ -164,7 +164,10 @@ class MirrorJob(Job):
 
     async def work(self) -> None:
         await self._initial_dirty()
-        await self._copy_dirty(self._engine(yield_to_clients=True))
+        # one pass over what was dirty at the start, giving way to clients; then converge
+        first = self.top.dirty.dirty_ranges()
+        self.total_progress = sum(length for _, length in first)
+        await self._engine(yield_to_clients=True).run(first)
         engine = self._engine(yield_to_clients=False)
         await self._copy_dirty(engine, converge=True)
         self.set_ready()
