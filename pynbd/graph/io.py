@@ -161,11 +161,11 @@ class NodeRequests:
         return key
 
     def end(self, key: int) -> None:
-        _, _, serialising = self._ranges.pop(key)
-        self.in_flight -= 1
-        if serialising:
+        if self._ranges.pop(key)[2]:
             self._serialising -= 1
-        self.changed.wake()
+        self.in_flight -= 1
+        if self.changed._waiters:  # noqa: SLF001 - the hot path: no call when nobody waits
+            self.changed.wake()
 
     # -- sections (a job's copy step) -----------------------------------------------------------
 
@@ -211,6 +211,14 @@ class RequestGate:
         if not self.perm & WRITING:
             raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")  # type: ignore[attr-defined]
 
+    def _enter_now(self, node: BlockNode, start: int, end: int) -> int | None:
+        """The common case without awaiting: nothing drained, no serialising request on the
+        node. Returns the key, or None when :meth:`_enter` must decide."""
+        io = node.io
+        if io.quiescers and self.queues:
+            return None
+        return io.begin_now(start, end)
+
     async def _enter(self, start: int, end: int, serialising: bool = False) -> tuple[BlockNode, int]:
         """Admit the request (waiting out drains for root users) and register it in flight on
         the node the link points at then; returns that node and the key for ``node.io.end``."""
@@ -233,18 +241,21 @@ class RequestGate:
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
-            size = node.size
-            if offset + length > size and offset >= 0:
+            if offset < 0 or offset + length > node.size:
                 # past the end reads as zeroes, as in qemu's generic read path (a format reading
                 # the whole last cluster of an image file whose tail was never written)
-                inside = max(0, size - offset)
+                if offset < 0:
+                    self._check_range(node, offset, length)  # raises
+                inside = max(0, node.size - offset)
                 buf[inside:] = bytes(length - inside)
                 if not inside:
                     return
-                buf, length = buf[:inside], inside
-            self._check_range(node, offset, length)
+                buf = buf[:inside]
             await node.read_into(offset, buf)
         finally:
             node.io.end(key)
@@ -259,7 +270,10 @@ class RequestGate:
     async def _write(self, offset: int, data, fua: bool, serialising: bool) -> None:
         length = len(data)
         self._check_writable()
-        node, key = await self._enter(offset, offset + length, serialising)
+        node = self.node
+        key = None if serialising else self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length, serialising)
         try:
             self._check_range(node, offset, length, grows=True)
             if node.dirty_bitmaps:
@@ -272,7 +286,10 @@ class RequestGate:
         self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
     ) -> None:
         self._check_writable()
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length, grows=True)
             if node.dirty_bitmaps:
@@ -283,7 +300,10 @@ class RequestGate:
 
     async def discard(self, offset: int, length: int) -> None:
         self._check_writable()
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             if offset >= 0 and offset + length > node.size:  # nothing past the end to discard
                 length = max(0, node.size - offset)
@@ -297,14 +317,20 @@ class RequestGate:
             node.io.end(key)
 
     async def flush(self) -> None:
-        node, key = await self._enter(0, 0)
+        node = self.node
+        key = self._enter_now(node, 0, 0)
+        if key is None:
+            node, key = await self._enter(0, 0)
         try:
             await node.flush()
         finally:
             node.io.end(key)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             size = node.size
             if offset >= 0 and offset + length > size:
@@ -320,7 +346,10 @@ class RequestGate:
             node.io.end(key)
 
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length)
             return await node.allocation_depth(offset, length)
@@ -328,7 +357,10 @@ class RequestGate:
             node.io.end(key)
 
     async def cache(self, offset: int, length: int) -> None:
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length)
             await node.cache(offset, length)
@@ -339,7 +371,10 @@ class RequestGate:
     async def reading(self, offset: int, length: int) -> AsyncIterator[BlockNode]:
         """A read the caller does itself (``sendfile`` from :meth:`BlockNode.sendfile_source`),
         tracked like :meth:`read_into` for as long as the block lasts; yields the node to read."""
-        node, key = await self._enter(offset, offset + length)
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length)
             yield node
