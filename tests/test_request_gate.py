@@ -19,6 +19,7 @@ from pynbd.graph.perms import ALL, Perm
 from pynbd.nodes.cbw import CopyBeforeWriteNode
 from pynbd.nodes.memory import MemoryNode
 from pynbd.nodes.tracking import RangeLock
+from pynbd.protocol.constants import State
 
 WRITER = (Perm.CONSISTENT_READ | Perm.WRITE, ALL & ~Perm.RESIZE)
 READER = (Perm.CONSISTENT_READ, ALL)
@@ -282,5 +283,19 @@ def test_a_cancelled_file_request_waits_for_its_worker_thread():
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    run(scenario())
+
+
+def test_status_and_reads_wholly_past_the_end_are_zero_holes():
+    async def scenario():
+        graph = BlockGraph()
+        node = graph.add_node(MemoryNode(MiB, node_name="m"))
+        reader = graph.attach_user(GraphUser("r"), node, *READER)
+        assert await reader.block_status(MiB + 4096, 8192) == [(8192, int(State.HOLE | State.ZERO))]
+        assert await reader.block_status(MiB - 4096, 8192) == [(8192, int(State.HOLE | State.ZERO))]
+        buf = bytearray(b"\xff" * 4096)
+        await reader.read_into(2 * MiB, memoryview(buf))
+        assert bytes(buf) == bytes(4096)
 
     run(scenario())

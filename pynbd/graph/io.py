@@ -337,7 +337,6 @@ class RequestGate:
                 # past the end is a hole reading as zeroes, as read_into makes it (a format asking
                 # its file about its whole last cluster)
                 inside = max(0, size - offset)
-                self._check_range(node, offset, inside)
                 extents = await node.block_status(offset, inside) if inside else []
                 return merge_extents([*extents, (length - inside, HOLE_ZERO)])
             self._check_range(node, offset, length)
