@@ -182,34 +182,32 @@ class MirrorJob(Job):
             await self._copy_dirty(engine)
         # complete (or cancel after ready): from now on guest writes reach both sides; what was
         # dirtied before is copied here, and what writes already in flight dirty is copied by
-        # the drained final pass in prepare() (or, cancelled, by _final_pass() below)
+        # the drained final pass (in prepare(), or below when cancelled)
         self.top.write_blocking = True
         await self._copy_dirty(engine)
         if self.cancelled:  # a point-in-time copy: settle it now, no pivot will follow
-            await self._final_pass()
+            await self._final_pass(pivot=False)
 
-    async def _final_pass(self) -> None:
+    async def _final_pass(self, pivot: bool) -> None:
         """With the filter drained (no guest write in flight or starting), copy what is still
-        dirty and flush the target: it then holds every write acknowledged so far."""
+        dirty and flush the target: it then holds every write acknowledged so far. With
+        ``pivot``, every user of the source then moves to the target, still drained."""
         async with drained([self.top, self.target], owner=self.user):
             for offset, length in self.top.dirty.dirty_ranges():
                 await self._copy(offset, length)
             await self.writer.flush()
+            if pivot:
+                self.graph.unfreeze_links(self.frozen)
+                self.frozen = []
+                self.graph.detach_user(self.user)
+                self.graph.replace_node(self.top, self.target)
+                self.pivoted = True
 
     # -- end ------------------------------------------------------------------------------------
 
     async def prepare(self) -> None:
-        if self.cancelled:  # cancelled when ready: a point-in-time copy, no pivot
-            return
-        async with drained([self.top, self.target], owner=self.user):
-            for offset, length in self.top.dirty.dirty_ranges():
-                await self._copy(offset, length)
-            await self.writer.flush()
-            self.graph.unfreeze_links(self.frozen)
-            self.frozen = []
-            self.graph.detach_user(self.user)
-            self.graph.replace_node(self.top, self.target)
-            self.pivoted = True
+        if not self.cancelled:  # cancelled when ready: a point-in-time copy, no pivot
+            await self._final_pass(pivot=True)
 
     async def clean(self) -> None:
         await self.leave_graph(self.graph, [self.top], self.top, self.source)
