@@ -201,10 +201,9 @@ async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
         filter_node_name=args.get("filter-node-name"),
         on_source_error=args.get("on-source-error", "report"),
         on_target_error=args.get("on-target-error", "report"),
+        write_blocking=args.get("copy-mode") == "write-blocking",
         **_job_kwargs(args),
     )
-    if args.get("copy-mode") == "write-blocking":
-        job.top.write_blocking = True
     _start(daemon, job)
 
 

@@ -34,11 +34,31 @@ class CopyError(BlockError):
 if TYPE_CHECKING:
     from pynbd.graph.core import ChildLink
 
-Staged = list[tuple[int, int, bytearray | None]]  # (offset, length, data or None for zeroes)
+Staged = list[tuple[int, int, bytearray | memoryview | None]]  # (offset, length, data or None for zeroes)
 
 
-async def read_chunk(source: ChildLink, offset: int, length: int) -> Staged:
-    """Read a range as the pieces to write: data buffers, and zero ranges as ``None``."""
+def split_zeroes(pos: int, buf: bytearray, block: int) -> Staged:
+    """Data read at ``pos`` as data pieces and zero pieces (``None``): every ``block``-aligned
+    block (aligned in the image, not in the buffer) that is all zeroes is a zero piece, as
+    qemu-img convert's ``-S`` treats it."""
+    staged: Staged = []
+    view, size = memoryview(buf), len(buf)
+    start = 0
+    while start < size:
+        end = min(size, (pos + start) // block * block + block - pos)
+        data = None if buf.count(0, start, end) == end - start else view
+        if staged and (staged[-1][2] is None) == (data is None):
+            first = staged[-1][0] - pos
+            staged[-1] = (pos + first, end - first, None if data is None else view[first:end])
+        else:
+            staged.append((pos + start, end - start, None if data is None else view[start:end]))
+        start = end
+    return staged
+
+
+async def read_chunk(source: ChildLink, offset: int, length: int, zero_detect: int = 0) -> Staged:
+    """Read a range as the pieces to write: data buffers, and zero ranges as ``None``. With
+    ``zero_detect`` (a block size), blocks of data that are all zeroes become zero ranges too."""
     staged: Staged = []
     pos, end = offset, offset + length
     try:
@@ -49,7 +69,7 @@ async def read_chunk(source: ChildLink, offset: int, length: int) -> Staged:
             else:
                 buf = bytearray(piece)
                 await source.read_into(pos, memoryview(buf))
-                staged.append((pos, piece, buf))
+                staged.extend(split_zeroes(pos, buf, zero_detect) if zero_detect else [(pos, piece, buf)])
             pos += piece
     except (BlockError, OSError) as exc:
         raise CopyError("read", exc) from exc
