@@ -77,7 +77,7 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
         daemon.graph.attach_child(node, "file", file)  # permissions and locks first ...
         await node.start_writing()  # ... and only then the writes of a read-write open
         if "backing" not in options:
-            backing = await open_backing_chain(daemon, header, file, created)
+            backing = await open_backing_chain(daemon, header, file, created, options.get("discard"))
         elif options["backing"] is None:
             backing = None
         else:

@@ -92,9 +92,13 @@ async def open_node(daemon: Daemon, options: dict, keyval: bool = False) -> Bloc
         raise
 
 
-async def open_backing_chain(daemon: Daemon, header, file: BlockNode, created: list[BlockNode]) -> BlockNode | None:
+async def open_backing_chain(
+    daemon: Daemon, header, file: BlockNode, created: list[BlockNode], discard: str | None = None
+) -> BlockNode | None:
     """The backing file ``header`` names, for the image on ``file``, opened read-only as implicit
-    nodes (and its own backing files, recursively).
+    nodes (and its own backing files, recursively). They inherit the image's ``discard`` policy,
+    as qemu's backing children inherit its unmap flag (so a commit into a backing file of an
+    image opened with ``discard=unmap``, as qemu-img opens them, frees what it zeroes).
 
     A backing file that is the image itself or one above it is refused, with qemu-img's message
     for such chains: qemu 7.2 itself recurses until it runs out of file descriptors (read-only)
@@ -114,6 +118,8 @@ async def open_backing_chain(daemon: Daemon, header, file: BlockNode, created: l
     if fmt not in FORMATS:
         raise QMPError(f"Could not open backing file: Unknown driver '{fmt}'")
     options: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path, "read-only": True}}
+    if discard is not None:
+        options["discard"] = discard
     token = _CHAIN_ABOVE.set(above)
     try:
         return await add_node(daemon, options, created)

@@ -23,12 +23,17 @@ ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
 
 
 class CopyError(BlockError):
-    """A copy failed; ``operation`` says whether reading the source or writing the target."""
+    """A copy failed; ``operation`` says whether reading the source or writing the target, and
+    ``offset`` where the failing request started (qemu-img names it: "error while reading at
+    byte N"); ``reason`` is the cause's own words."""
 
-    def __init__(self, operation: str, cause: BaseException) -> None:
+    def __init__(self, operation: str, cause: BaseException, offset: int) -> None:
         err = getattr(cause, "errno", None) or errno.EIO
         super().__init__(err, f"{operation} error during copy: {cause}")
         self.operation = operation
+        self.offset = offset
+        plain_os_error = isinstance(cause, OSError) and cause.strerror
+        self.reason = cause.strerror if plain_os_error else str(cause)
 
 
 if TYPE_CHECKING:
@@ -72,13 +77,14 @@ async def read_chunk(source: ChildLink, offset: int, length: int, zero_detect: i
                 staged.extend(split_zeroes(pos, buf, zero_detect) if zero_detect else [(pos, piece, buf)])
             pos += piece
     except (BlockError, OSError) as exc:
-        raise CopyError("read", exc) from exc
+        raise CopyError("read", exc, pos) from exc
     return staged
 
 
 async def write_chunk(
     target: ChildLink, staged: Staged, *, serialising: bool = False, target_is_zero: bool = False
 ) -> None:
+    pos = staged[0][0] if staged else 0
     try:
         for pos, piece, buf in staged:
             if buf is None:
@@ -89,7 +95,7 @@ async def write_chunk(
             else:
                 await target.write(pos, buf)
     except (BlockError, OSError) as exc:
-        raise CopyError("write", exc) from exc
+        raise CopyError("write", exc, pos) from exc
 
 
 async def copy_chunk(

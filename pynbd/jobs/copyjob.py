@@ -53,7 +53,7 @@ from pynbd.graph.core import BlockGraph, GraphUser, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.graph.reopen import restore
-from pynbd.jobs.copy import CopyEngine, read_chunk, write_chunk
+from pynbd.jobs.copy import CopyEngine, CopyError, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.cbw import CopyBeforeWriteNode
@@ -79,10 +79,13 @@ class CopyJob(Job):
     """Copy ``source`` to ``target`` in ``mode`` (see the module docstring).
 
     ``base`` makes a converge copy an active commit (``target`` is then the source's base).
-    ``zero_detect`` (bytes, 0 = off) writes aligned blocks of zeroes found in data as zeroes
-    (qemu-img convert's ``-S``); ``target_is_zero`` says the target reads as zeroes, so the
-    first pass skips zero ranges instead of writing them. Both are converge-only, for
-    ``pynbd img``."""
+    For ``pynbd img`` (converge only): ``zero_detect`` (bytes, 0 = off) writes aligned blocks of
+    zeroes found in data as zeroes (qemu-img convert's ``-S``); ``target_is_zero`` says the
+    target reads as zeroes, so the first pass skips zero ranges instead of writing them;
+    ``share_target_writes`` lets the tool's own handle on the target image keep its write
+    permission (and so its lock against other processes) while the job writes on its behalf.
+    A copy that fails on a read or write keeps the error in :attr:`copy_error` (where it was,
+    for qemu-img's messages)."""
 
     job_type = "copy"
 
@@ -106,13 +109,17 @@ class CopyJob(Job):
         base: BlockNode | None = None,
         zero_detect: int = 0,
         target_is_zero: bool = False,
+        share_target_writes: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(job_id, **kwargs)
         if mode not in MODES:
             raise ValueError(f"unknown copy mode {mode!r}")
-        if mode == POINT_IN_TIME and (base is not None or write_blocking or zero_detect or target_is_zero):
-            raise ValueError("base, write-blocking, zero detection and target-is-zero are converge options")
+        converge_only = (base is not None, write_blocking, zero_detect, target_is_zero, share_target_writes)
+        if mode == POINT_IN_TIME and any(converge_only):
+            raise ValueError(
+                "base, write-blocking, zero detection, target-is-zero and shared target writes are converge options"
+            )
         if mode == CONVERGE and bitmap is not None and bitmap_mode != "never":
             raise ValueError("a converge copy keeps its bitmap only with bitmap-mode 'never'")
         self.graph = graph
@@ -128,6 +135,8 @@ class CopyJob(Job):
         self.base = base
         self.zero_detect = zero_detect
         self.target_is_zero = target_is_zero
+        self.share_target_writes = share_target_writes
+        self.copy_error: CopyError | None = None
         self.device = source.node_name
         self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
         name = filter_node_name or graph.auto_name()
@@ -165,6 +174,8 @@ class CopyJob(Job):
             shared = Perm.WRITE_UNCHANGED
             if self.base is not None:
                 shared |= Perm.CONSISTENT_READ | Perm.WRITE
+            if self.share_target_writes:
+                shared |= Perm.WRITE
             self.writer = graph.attach_user(self.user, self.target, Perm.WRITE, shared)
         tran.add(abort=lambda: graph.detach_user(self.user))
         if self.mode == CONVERGE:
@@ -236,6 +247,13 @@ class CopyJob(Job):
         )
 
     async def work(self) -> None:
+        try:
+            await self._work()
+        except CopyError as exc:
+            self.copy_error = exc
+            raise
+
+    async def _work(self) -> None:
         first = await self._first_pass_ranges()
         self.total_progress = sum(length for _, length in first)
         await self._engine(first_pass=True).run(first)
