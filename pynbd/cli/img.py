@@ -399,7 +399,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
         raise OpenError(args.filename, str(exc), err=exc.errno) from None
     read_only = args.repair is None
     if fmt != "qcow2":  # qemu-img opens the image (locks and all) before it finds it cannot check it
-        image = await open_image(args.filename, fmt, read_only=read_only, force_share=args.force_share, user="qemu-img")
+        image = await open_image(
+            args.filename, fmt, read_only=read_only, force_share=args.force_share, user="qemu-img"
+        )
         await image.close()
         print(f"{PROG}: This image format does not support checks", file=sys.stderr)
         return 63
@@ -707,10 +709,9 @@ class Interrupted(Exception):
 
 
 class Progress:
-    """qemu-img's progress report (util/qemu-progress.c, min_skip 1%): with ``-p``,
+    """qemu-img's progress report (util/qemu-progress.c, min_skip 1%) for ``-p``:
     ``"    (12.34/100%)\r"`` on stdout at the start, whenever at least 1% more is done, and at
-    100%, then a newline; without ``-p``, one such line (ending in a newline) on stderr each time
-    SIGUSR1 arrives, as qemu-img does. The figure never goes back."""
+    100%, then a newline. The figure never goes back."""
 
     def __init__(self, shown: bool) -> None:
         self.shown = shown
@@ -725,11 +726,6 @@ class Progress:
             if self.shown:
                 sys.stdout.write(f"    ({self.current:3.2f}/100%)\r")
                 sys.stdout.flush()
-
-    def on_request(self) -> None:
-        if not self.shown:
-            sys.stderr.write(f"    ({self.current:3.2f}/100%)\n")
-            sys.stderr.flush()
 
     def end(self) -> None:
         if self.shown:
@@ -759,14 +755,13 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._interrupt, signum)
-        loop.add_signal_handler(signal.SIGUSR1, self.progress.on_request)
         self._unsubscribe = self.daemon.subscribe(self._on_event)
         self.progress.update(0.0)
         return self
 
     def __exit__(self, *exc) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         self._unsubscribe()
         self.progress.end()  # also when the command fails, as qemu-img ends its progress line
