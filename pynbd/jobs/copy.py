@@ -51,12 +51,10 @@ def split_zeroes(pos: int, buf: bytearray, block: int) -> Staged:
     start = 0
     while start < size:
         end = min(size, (pos + start) // block * block + block - pos)
-        data = None if buf.count(0, start, end) == end - start else view
-        if staged and (staged[-1][2] is None) == (data is None):
-            first = staged[-1][0] - pos
-            staged[-1] = (pos + first, end - first, None if data is None else view[first:end])
-        else:
-            staged.append((pos + start, end - start, None if data is None else view[start:end]))
+        zero = buf.count(0, start, end) == end - start
+        if staged and (staged[-1][2] is None) == zero:  # the same kind as the piece before: one piece
+            start = staged.pop()[0] - pos
+        staged.append((pos + start, end - start, None if zero else view[start:end]))
         start = end
     return staged
 
