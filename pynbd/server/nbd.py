@@ -51,6 +51,12 @@ MAX_EXTENTS = 128 * 1024  # descriptors per block-status chunk, as qemu caps it
 SMALL_READ = 64 * 1024  # reads up to this size are answered from a buffer, in one data chunk
 HANDSHAKE_TIMEOUT = 60.0
 
+# The hot path tests flags with plain ints: ``int & IntFlag`` goes through enum's Python-level
+# __rand__ (about 2 µs each, five per request: a tenth of a 4 KiB read's time in the server).
+_FUA, _DF, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE)
+_FAST_ZERO, _REQ_ONE, _STATE_ZERO = int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE), int(State.ZERO)
+_ALLOWED_FLAGS = {int(cmd): int(flags) for cmd, flags in ALLOWED_CMD_FLAGS.items()}
+
 # Host errno -> NBD error, as qemu maps them (anything else becomes EINVAL... or EIO for I/O)
 _ERRNO_MAP = {
     errno.EPERM: Errno.EPERM,
@@ -372,12 +378,12 @@ class ServerConnection:
     def _check_request(self, request) -> None:
         export = self.export
         cmd, flags = request.type, request.flags
-        allowed = ALLOWED_CMD_FLAGS.get(cmd)
+        allowed = _ALLOWED_FLAGS.get(cmd)
         if allowed is None:
             raise RequestError(Errno.EINVAL, f"unknown command {cmd}")
-        if flags & ~int(allowed):  # int: ~ on an IntFlag keeps only the defined bits
+        if flags & ~allowed:
             raise RequestError(Errno.EINVAL, f"flags {flags:#x} not valid for command {Cmd(cmd).name}")
-        if flags & CmdFlag.DF and not self.session.structured:
+        if flags & _DF and not self.session.structured:
             raise RequestError(Errno.EINVAL, "DF requires structured replies")
         if cmd in (Cmd.FLUSH,):
             if request.offset or request.length:
@@ -404,7 +410,7 @@ class ServerConnection:
         self._check_request(request)
         node = self.export.io
         cmd, flags, cookie = request.type, request.flags, request.cookie
-        fua = bool(flags & CmdFlag.FUA)
+        fua = bool(flags & _FUA)
         if cmd == Cmd.READ:
             if fua:
                 await node.flush()
@@ -417,9 +423,9 @@ class ServerConnection:
                 await node.write_zeroes(
                     request.offset,
                     request.length,
-                    may_trim=not flags & CmdFlag.NO_HOLE,
+                    may_trim=not flags & _NO_HOLE,
                     fua=fua,
-                    fast=bool(flags & CmdFlag.FAST_ZERO),
+                    fast=bool(flags & _FAST_ZERO),
                 )
             except NotFast as exc:
                 raise RequestError(Errno.ENOTSUP, str(exc)) from None
@@ -449,7 +455,7 @@ class ServerConnection:
         if length == 0:
             await self._send([encode_none_chunk(cookie)])
             return
-        if request.flags & CmdFlag.DF or length <= SMALL_READ:
+        if request.flags & _DF or length <= SMALL_READ:
             # Small reads: one data chunk, no allocation lookup (two lseeks cost more than the
             # zeroes they might save) and no sendfile (one sendmsg beats header + sendfile).
             extents = [(length, 0)]
@@ -457,14 +463,14 @@ class ServerConnection:
             extents = await node.block_status(offset, length)
         # Read every data extent before sending anything, so an I/O error becomes a clean
         # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
-        df = bool(request.flags & CmdFlag.DF)
+        df = bool(request.flags & _DF)
         use_sendfile = length > SMALL_READ and self.export.node.can_sendfile and self.channel.supports_sendfile
         pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
         pos = offset
         try:
             for ext_len, state in extents:
                 buf = None
-                if df or not state & State.ZERO:
+                if df or not state & _STATE_ZERO:
                     if not use_sendfile:
                         buf = self._buffers.get(ext_len)
                         await node.read_into(pos, memoryview(buf))
@@ -501,7 +507,7 @@ class ServerConnection:
 
     async def _block_status(self, request) -> None:
         offset, length = request.offset, request.length
-        req_one = bool(request.flags & CmdFlag.REQ_ONE)
+        req_one = bool(request.flags & _REQ_ONE)
         answers: list[tuple[int, list[tuple[int, int]]]] = []
         for context_id, name in self.session.contexts.items():
             extents = await self.export.contexts[name](offset, length)
