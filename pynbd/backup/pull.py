@@ -29,7 +29,7 @@ from pynbd.client.copy import (
     CopyOptions,
     NBDDisk,
     _overlap,
-    open_source,
+    open_nbd_source,
 )
 from pynbd.client.errors import NBDError
 from pynbd.client.pool import connect_pool
@@ -115,7 +115,10 @@ class _BackupCopier(Copier):
                     self.dirty[-1] = (self.dirty[-1][0], self.dirty[-1][1] + marked.length)
                 else:
                     self.dirty.append((marked.offset, marked.length))
-                pieces = _overlap(allocation, marked) if allocation is not None else [Extent(*marked[:2], 0)]
+                if allocation is not None:
+                    pieces = _overlap(allocation, marked)
+                else:
+                    pieces = [Extent(marked.offset, marked.length, 0)]
                 for ext in pieces:
                     yield ext.offset, ext.length, is_zero(ext.flags)
 
@@ -190,7 +193,7 @@ async def _pull(
     source = target = None
     created = False
     try:
-        source = await open_source(uri, copy_options, executor, **connect_args)
+        source = await open_nbd_source(uri, copy_options, **connect_args)
         if bitmap and not await _allocation_readable(source):
             # a copy-before-write view limited to the bitmap refuses block status outside it (as
             # qemu's does, EACCES): ask for the bitmap alone and read every dirty range as data

@@ -143,7 +143,7 @@ class FileDisk(Disk):
     def __init__(self, path: str, fd: int, size: int, executor: ThreadPoolExecutor, known_zero: bool = False) -> None:
         self.path = path
         self.fd = fd
-        self.size = size
+        self.size: int = size
         self.executor = executor
         self.known_zero = known_zero
         self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -515,18 +515,24 @@ def _check_not_qcow2(path: str, fd: int) -> None:
         )
 
 
+async def open_nbd_source(spec: str | Sequence[str], options: CopyOptions, **connect_args) -> NBDDisk:
+    """An NBD export (or several URIs of one, for multi-conn) as a copy source, with the
+    ``base:allocation`` context and ``options.map_context`` if one is asked for."""
+    contexts = [BASE_ALLOCATION] + ([options.map_context] if options.map_context else [])
+    pool = await connect_pool(
+        spec, options.connections, meta_contexts=contexts, max_requests=options.requests, **connect_args
+    )
+    if options.map_context and options.map_context not in pool.contexts:
+        await pool.disconnect()
+        raise CopyError(f"the source does not offer meta context {options.map_context!r}")
+    return NBDDisk(pool)
+
+
 async def open_source(
     spec: str | Sequence[str], options: CopyOptions, executor: ThreadPoolExecutor, **connect_args
 ) -> Disk:
     if not isinstance(spec, str) or is_nbd_uri(spec):
-        contexts = [BASE_ALLOCATION] + ([options.map_context] if options.map_context else [])
-        pool = await connect_pool(
-            spec, options.connections, meta_contexts=contexts, max_requests=options.requests, **connect_args
-        )
-        if options.map_context and options.map_context not in pool.contexts:
-            await pool.disconnect()
-            raise CopyError(f"the source does not offer meta context {options.map_context!r}")
-        return NBDDisk(pool)
+        return await open_nbd_source(spec, options, **connect_args)
     if options.map_context:
         raise CopyError("--bitmap/--map-context need an NBD source")
     if spec == "-":

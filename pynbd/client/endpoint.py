@@ -151,7 +151,7 @@ class StdioCommand(_Child, Endpoint):
         self._opened = True
         ours, theirs = socket.socketpair()
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=theirs, stdout=theirs)
+            self.proc = subprocess.Popen(self.argv, stdin=theirs.fileno(), stdout=theirs.fileno())
         except BaseException:
             ours.close()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,7 +69,7 @@ class ExportView(Protocol):
 class ExportCatalog(Protocol):
     def lookup(self, name: str) -> ExportView | None: ...
 
-    def exports(self) -> list[ExportView]: ...
+    def exports(self) -> Sequence[ExportView]: ...
 
 
 class Action(enum.Enum):

@@ -38,7 +38,7 @@ from pynbd.qcow2.layout import (
     table_from_bytes,
     table_to_bytes,
 )
-from pynbd.qcow2.node import read_header
+from pynbd.qcow2.node import Qcow2Node, read_header
 from pynbd.qcow2.refcount import Refcounts, encode_block, new_block
 
 REPAIR_LEAKS = "leaks"
@@ -348,6 +348,7 @@ async def _check_pass(
                 if have > want or repair == REPAIR_ALL:
                     result.messages.append(f"Repairing cluster {cluster} refcount={have} reference={want}")
                     blk = await refcounts.block(cluster // refcounts.per_block)
+                    assert blk is not None  # a missing block reads as refcount 0, which means rebuild
                     blk[cluster % refcounts.per_block] = want
                     refcounts.dirty_blocks.add(cluster // refcounts.per_block)
                     stored[cluster] = want
@@ -518,6 +519,7 @@ async def _repair_bitmaps(filename: str) -> list[str]:
 
     image = await open_image(filename, "qcow2", read_only=False, backing=False, locking=False)
     try:
+        assert isinstance(image.node, Qcow2Node)  # opened with format qcow2
         return sorted(image.node.bitmaps_found_in_use)
     finally:
         await image.close()

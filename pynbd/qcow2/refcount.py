@@ -30,7 +30,7 @@ from pynbd.qcow2.layout import OFFSET_MASK, REFT_RESERVED, Header, table_from_by
 _TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 
 
-def decode_block(data: bytes, bits: int) -> array:
+def decode_block(data: bytes | bytearray, bits: int) -> array:
     """A refcount block as an array of counts (sub-byte widths unpacked, least significant bits first)."""
     if bits >= 8:
         return table_from_bytes(data, _TYPECODES[bits])

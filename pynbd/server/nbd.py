@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 from pynbd.buffers import BufferPool
 from pynbd.channel import BufferedReader, Channel, ConnectionClosed, SocketChannel, TLSChannel
@@ -189,12 +190,15 @@ class NBDServer:
 class ServerConnection:
     """One client, from greeting to disconnect."""
 
+    #: set when negotiation reaches transmission (``negotiated``); requests only exist after that
+    session: Session
+    export: Export
+
     def __init__(self, server: NBDServer, channel: SocketChannel) -> None:
         self.server = server
         self.channel: Channel = channel
         self.reader = BufferedReader(channel)
-        self.session: Session | None = None
-        self.export: Export | None = None
+        self.negotiated = False
         self.task: asyncio.Task | None = None
         self._reply_lock = asyncio.Lock()
         self._in_flight: set[asyncio.Task] = set()
@@ -215,7 +219,7 @@ class ServerConnection:
             except TimeoutError:
                 log.warning("%s: negotiation timed out", self.peer)
                 return
-            if self.session is not None:
+            if self.negotiated:
                 await self._transmission()
         except ConnectionClosed as exc:
             if exc.partial or self._mid_message:
@@ -236,7 +240,7 @@ class ServerConnection:
         self._stopping = True
         if self._reading is not None:
             self._reading.cancel()
-        elif self.session is None and self.task is not None:
+        elif not self.negotiated and self.task is not None:
             self.task.cancel()  # still negotiating: nothing to finish
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
@@ -278,8 +282,10 @@ class ServerConnection:
                 await self._start_tls()
                 negotiation.tls_established()
             elif outcome.action is Action.TRANSMISSION:
+                assert negotiation.session is not None  # TRANSMISSION is only reached with one
                 self.session = negotiation.session
-                self.export = self.session.export  # type: ignore[assignment]
+                self.export = cast(Export, self.session.export)  # our registry holds only Exports
+                self.negotiated = True
                 log.info("%s: serving export %r", self.peer, self.export.name)
                 return
 
@@ -469,31 +475,31 @@ class ServerConnection:
         pos = offset
         try:
             for ext_len, state in extents:
-                buf = None
+                data: bytearray | None = None
                 if df or not state & _STATE_ZERO:
                     if not use_sendfile:
-                        buf = self._buffers.get(ext_len)
-                        await node.read_into(pos, memoryview(buf))
-                    pieces.append((pos, ext_len, buf if buf is not None else _SENDFILE))
+                        data = self._buffers.get(ext_len)
+                        await node.read_into(pos, memoryview(data))
+                    pieces.append((pos, ext_len, data if data is not None else _SENDFILE))
                 else:
                     pieces.append((pos, ext_len, None))
                 pos += ext_len
             # a sendfile reads the file while it sends: the whole reply is then a request in flight
             tracking = self.export.reading(offset, length) if use_sendfile else contextlib.nullcontext()
             async with tracking as source, self._reply_lock:
-                for i, (pos, ext_len, buf) in enumerate(pieces):
+                for i, (pos, ext_len, piece) in enumerate(pieces):
                     done = i == len(pieces) - 1
-                    if buf is None:
+                    if piece is None:
                         await self.channel.send([encode_offset_hole(cookie, pos, ext_len, done)])
-                    elif buf is _SENDFILE:
+                    elif piece is _SENDFILE:
                         await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done)])
                         await self._sendfile(source, pos, ext_len)
                     else:
-                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), buf])
+                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), piece])
         finally:
-            for _, _, buf in pieces:
-                if buf is not None and buf is not _SENDFILE:
-                    self._buffers.put(buf)
+            for _, _, piece in pieces:
+                if piece is not None and piece is not _SENDFILE:
+                    self._buffers.put(piece)
 
     async def _sendfile(self, node, offset: int, length: int) -> None:
         fd, file_offset = node.sendfile_source(offset, length)
