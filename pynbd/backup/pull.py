@@ -216,7 +216,7 @@ async def _pull(
         )  # fmt: skip
         created = True
         target = Qcow2Disk(await open_image(output, "qcow2", read_only=False))
-        copier = _BackupCopier(source, target, copy_options)  # type: ignore[arg-type]
+        copier = _BackupCopier(source, target, copy_options)
         stats = await copier.run()
         closing, target = target, None
         await closing.close()  # writes the metadata back and flushes

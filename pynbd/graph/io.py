@@ -78,7 +78,7 @@ class ChangeSignal:
     __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -267,7 +267,7 @@ class RequestGate:
         """A write that waits for overlapping requests and holds off new ones until it is done."""
         await self._write(offset, data, fua, True)
 
-    async def _write(self, offset: int, data, fua: bool, serialising: bool) -> None:
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, serialising: bool) -> None:
         length = len(data)
         self._check_writable()
         node = self.node
