@@ -10,8 +10,9 @@ place between a caller and a driver. On every call the gate
   RESIZE: a format node growing its file) and, for requests that change data, that the link
   holds WRITE or WRITE_UNCHANGED;
 - applies the node's ``discard`` policy (``unmap`` off: discards dropped, zeroing never punches);
-- marks the node's dirty bitmaps for writes, zeroes and discards, *before* the driver runs, so a
-  failed request or a crash never leaves a change unrecorded;
+- marks the node's dirty bitmaps (named ones and the graph's internal ones) for writes, zeroes
+  and discards, *before* the driver runs, so a failed request or a crash never leaves a change
+  unrecorded;
 - records the request as in flight on the node (:class:`NodeRequests`), with its byte range, so
   that serialising writes (fleecing: a copy into an overlay that reads through to the disk being
   written) wait for overlapping requests and hold off new ones;
@@ -276,7 +277,7 @@ class RequestGate:
             node, key = await self._enter(offset, offset + length, serialising)
         try:
             self._check_range(node, offset, length, grows=True)
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write(offset, data, fua)
         finally:
@@ -292,7 +293,7 @@ class RequestGate:
             node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length, grows=True)
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write_zeroes(offset, length, may_trim and node.unmap, fua, fast)
         finally:
@@ -310,7 +311,7 @@ class RequestGate:
             self._check_range(node, offset, length)
             if not node.unmap or not length:  # qemu's discard=ignore: dropped here, unmarked
                 return
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.discard(offset, length)
         finally:

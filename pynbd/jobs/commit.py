@@ -101,10 +101,9 @@ class CommitJob(Job):
         # unallocate, not discard: the data now lives in the base, so reads through these
         # layers (if anything still opens them) must fall through to it, not read zeroes
         for node in self.dropped:
-            unallocate = getattr(node, "unallocate", None)
-            if unallocate is not None and not node.read_only:
+            if node.can_unallocate and not node.read_only:
                 for offset, length in self.committed:
-                    await unallocate(offset, length)
+                    await node.unallocate(offset, length)
 
     async def clean(self) -> None:
         await self.leave_graph(self.graph, [self.top, self.base])

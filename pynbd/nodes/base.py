@@ -11,11 +11,12 @@ links the same way.
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from pynbd.bitmap import NodeBitmap
+from pynbd.bitmap import DirtyBitmap, NodeBitmap
 from pynbd.errors import BlockError, NotFast
 from pynbd.graph.io import HOLE_ZERO, NodeRequests, merge_extents
 from pynbd.graph.perms import Perm, Role, default_child_perm
@@ -45,6 +46,8 @@ class BlockNode(ABC):
     can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
     cluster_size: int = 0
+    #: Whether :meth:`unallocate` can drop clusters so that reads fall through to the backing.
+    can_unallocate: bool = False
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
     #: freeze its links, so the job can always take it out again.
     owner_job: str | None = None
@@ -58,12 +61,25 @@ class BlockNode(ABC):
         self.perm = Perm(0)
         self.shared = Perm.all()
         self.dirty_bitmaps: dict[str, NodeBitmap] = {}
+        #: Bitmaps of the graph's own (qemu's anonymous bitmaps): marked by the gate like
+        #: :attr:`dirty_bitmaps`, but nameless, never listed, stored or exported
+        self.internal_bitmaps: list[DirtyBitmap] = []
         self.io = NodeRequests()  # requests in flight and drains in force (pynbd/graph/io.py)
         self.unmap = True  # False: discards are dropped, zeroing never punches holes (discard=ignore)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps.values():
             bitmap.mark(offset, length)
+        for internal in self.internal_bitmaps:
+            internal.set_range(offset, length)
+
+    def add_internal_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Have the gate mark ``bitmap`` for every write, zero and discard that reaches this node
+        from now on, whoever makes it: how a filter notices writes that bypass it."""
+        self.internal_bitmaps.append(bitmap)
+
+    def remove_internal_bitmap(self, bitmap: DirtyBitmap) -> None:
+        self.internal_bitmaps = [b for b in self.internal_bitmaps if b is not bitmap]
 
     def child(self, name: str) -> ChildLink | None:
         """The link to child ``name`` (requests to the child go through it), if there is one."""
@@ -138,6 +154,12 @@ class BlockNode(ABC):
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch hint; nodes without a cache ignore it."""
         return None
+
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop the whole clusters inside the range, so that they read from the backing chain
+        again (a copy-on-read release, a hole-punching commit). Only nodes that declare
+        :attr:`can_unallocate` can; it is not a request (the caller runs it drained)."""
+        raise BlockError(errno.ENOTSUP, f"{self.describe()} cannot give clusters back to its backing")
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, file offset) from which ``os.sendfile`` may send this range verbatim, if any."""
