@@ -206,15 +206,19 @@ class Job:
             raise JobCancelled()
         if self._pause_count and self.status in (JobStatus.RUNNING, JobStatus.READY):
             self._transition(JobStatus.PAUSED if self.status is JobStatus.RUNNING else JobStatus.STANDBY)
-        if not self._resumed.is_set():
+        if self._resumed.is_set():
+            return
+        # A worker woken by a resume may run only after another worker has stopped the job again
+        # (an error under the ``stop`` policy): it waits again rather than mark the job running.
+        while not self._resumed.is_set():
             await self._resumed.wait()
             if self.cancelled:
                 raise JobCancelled()
-            # several workers may wake here; the first one moves the state back
-            if self.status is JobStatus.PAUSED:
-                self._transition(JobStatus.RUNNING)
-            elif self.status is JobStatus.STANDBY:
-                self._transition(JobStatus.READY)
+        # several workers may wake here; the first one moves the state back
+        if self.status is JobStatus.PAUSED:
+            self._transition(JobStatus.RUNNING)
+        elif self.status is JobStatus.STANDBY:
+            self._transition(JobStatus.READY)
 
     async def throttle(self, nbytes: int) -> None:
         """The speed limit: call before moving ``nbytes``; waits until the bytes already moved
@@ -264,6 +268,7 @@ class Job:
         self.check_verb("resume")
         if self._pause_count == 0:
             raise JobError(f"Can't resume a job that was not paused: '{self.id}'")
+        self.io_status = "ok"  # as qemu's block_job_user_resume: a user resume clears the error
         self._pause_count -= 1
         if self._pause_count == 0:
             self._resumed.set()
