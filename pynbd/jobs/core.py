@@ -113,6 +113,11 @@ class Job:
         self.concluded = asyncio.Event()
         self.frozen: list[ChildLink] = []  # links a block job holds frozen while it runs
 
+    @property
+    def holder(self) -> str:
+        """How the graph names this job as the holder of frozen links (in refusals)."""
+        return f"job '{self.id}'"
+
     # -- what subclasses provide -------------------------------------------------------------
 
     async def work(self) -> None:
@@ -139,7 +144,7 @@ class Job:
         the graph is left as the job found it as far as it can be; the first failure is raised."""
         frozen: list[ChildLink] = self.frozen
         self.frozen = []
-        steps = [lambda: graph.unfreeze_links(frozen), lambda: graph.detach_user(self.user)]
+        steps = [lambda: graph.unfreeze_links(frozen, self.holder), lambda: graph.detach_user(self.user)]
         if filt is not None:
             steps.append(lambda: graph.remove_filter(filt, below))
         failures: list[Exception] = []

@@ -19,9 +19,10 @@ import logging
 import os
 
 from pynbd.errors import BlockError
-from pynbd.graph.core import BlockGraph, GraphUser, chain_links
+from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import Perm
+from pynbd.graph.reopen import restore
 from pynbd.jobs.commit import record_backing
 from pynbd.jobs.copy import CopyEngine, CopyError
 from pynbd.jobs.core import Job
@@ -62,16 +63,34 @@ class StreamJob(Job):
         self.cor.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"stream job {job_id!r}")
         self.users = [self.user]
+        #: a read-only top is reopened read-write for the job (by the command, as qemu's
+        #: stream_start does) and read-only again when it ends
+        self.reopened: list[BlockNode] = []
+
+    def links_to_freeze(self) -> tuple[list[ChildLink], list[ChildLink]]:
+        """The chain's links, which must stay as they are while the job copies, and among them
+        the one the job changes on completion: the top's backing link, re-pointed at the base or
+        dropped (none if it already points at the base)."""
+        links = chain_links(self.top, self.base)
+        backing = self.top.children.get("backing")
+        changes = [link for link in links if link is backing and link.node is not self.base]
+        return links, changes
+
+    def check_links(self) -> None:
+        """Raise as :meth:`install` would if the chain cannot be frozen, changing nothing."""
+        links, changes = self.links_to_freeze()
+        self.graph.check_freeze(links, self.holder, changes)
 
     def install(self, tran) -> None:
         graph = self.graph
+        links, changes = self.links_to_freeze()
+        self.frozen = graph.freeze_links(links, self.holder, changes)
+        tran.add(abort=lambda: graph.unfreeze_links(self.frozen, self.holder))
         graph.insert_filter(tran, self.cor, self.top)
         self.reader = graph.attach_user(
             self.user, self.cor, Perm.CONSISTENT_READ, Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
         )
         tran.add(abort=lambda: graph.detach_user(self.user))
-        self.frozen = graph.freeze_chain(self.top, self.base)
-        tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
 
     async def work(self) -> None:
         if not self.frozen:  # nothing below the top: nothing to stream
@@ -105,9 +124,9 @@ class StreamJob(Job):
     async def prepare(self) -> None:
         backing = self.top.children.get("backing")
         async with drained([self.cor], owner=self.user):
-            self.graph.unfreeze_links(self.frozen)
+            self.graph.unfreeze_links(self.frozen, self.holder)
             self.frozen = []
-            if backing is None:
+            if backing is None or backing.node is self.base:
                 return
             if self.base is None:
                 self.graph.detach(backing)
@@ -117,3 +136,5 @@ class StreamJob(Job):
 
     async def clean(self) -> None:
         await self.leave_graph(self.graph, [self.cor], self.cor, self.top)
+        if self.reopened:
+            await restore(self.graph, self.reopened, True)
