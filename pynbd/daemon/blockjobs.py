@@ -5,9 +5,11 @@ from __future__ import annotations
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
 from pynbd.graph.core import filtered_or_cow_child
+from pynbd.graph.reopen import restore, set_read_only
 from pynbd.graph.transaction import Transaction
 from pynbd.jobs.commit import CommitJob
 from pynbd.jobs.copy import ERROR_POLICIES
+from pynbd.jobs.core import JobStatus
 from pynbd.jobs.mirror import MirrorJob
 from pynbd.jobs.stream import StreamJob
 from pynbd.nodes.base import BlockNode
@@ -86,6 +88,7 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
     if base not in below_top:
         raise QMPError(f"'{top.node_name}' is not above base '{base.node_name}'")
     job_id = job_id_of(daemon, args)
+    refuse_second_commit_into(daemon, base)
     if top is device:  # active commit: a mirror into the base, then a pivot
         job = MirrorJob(
             job_id,
@@ -115,14 +118,37 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
             backing_file=args.get("backing-file"),
             **_job_kwargs(args),
         )
-    _start(daemon, job)
+    await _start_or_restore(daemon, job)
+
+
+def refuse_second_commit_into(daemon: Daemon, base: BlockNode) -> None:
+    """Two commits into one base would both write it: two overlays of a shared layer committing it,
+    or their own data, into the same base. Their chains may share only links that stay unchanged,
+    so the freeze rules let both through; qemu refuses the second with its op blockers. An
+    intermediate commit takes its write permission on the base only once it runs, so without this
+    the second would be accepted and then fail (or, with an active commit, write alongside)."""
+    for other in daemon.jobs.jobs.values():
+        if (
+            isinstance(other, (CommitJob, MirrorJob))
+            and other.base is base
+            and other.status not in (JobStatus.CONCLUDED, JobStatus.NULL)
+        ):
+            raise QMPError(f"Node '{base.node_name}' is busy: job '{other.id}' commits into it")
+
+
+async def _start_or_restore(daemon: Daemon, job: MirrorJob | CommitJob | StreamJob) -> None:
+    """Start a job that reopened a node read-write for itself; if it is refused, the node goes
+    back to read-only, so a refused command leaves nothing changed."""
+    try:
+        _start(daemon, job)
+    except BaseException:
+        await restore(daemon.graph, job.reopened, True)
+        raise
 
 
 async def _reopen_base_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
     """Active commit writes the base (read-only as a backing file): reopen it read-write now and,
     if the job does not pivot to it, read-only again when it ends."""
-    from pynbd.graph.reopen import set_read_only
-
     job.reopened = await set_read_only(daemon.graph, base, False)
 
 
@@ -163,7 +189,10 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
         backing_file=args.get("backing-file"),
         **_job_kwargs(args),
     )
-    _start(daemon, job)
+    job.check_links()  # a refusal comes before the top is touched
+    if top.read_only:  # as qemu's stream_start: the top is written, so it is reopened read-write
+        job.reopened = await set_read_only(daemon.graph, top, False)
+    await _start_or_restore(daemon, job)
 
 
 @command(

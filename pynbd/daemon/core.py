@@ -44,7 +44,7 @@ class Monitor:
 
     def release(self) -> None:
         for link in reversed(self.frozen_links):
-            link.unfreeze()
+            link.unfreeze(self.name)
         self.frozen_links.clear()
 
 

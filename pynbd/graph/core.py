@@ -76,7 +76,11 @@ class ChildLink(RequestGate):
         self.role = role
         self.perm = perm
         self.shared = shared
-        self.freeze_count = 0
+        #: who holds this link frozen, one entry per freeze ("job 'c'", "QMP client 2")
+        self.holders: list[str] = []
+        #: the holder that will change this link itself when it lets go (a job re-pointing or
+        #: dropping a backing link at its completion), if any
+        self.changer: str | None = None
         self.queues = isinstance(parent, GraphUser) and parent.queues_requests
 
     @property
@@ -85,16 +89,47 @@ class ChildLink(RequestGate):
 
     @property
     def frozen(self) -> bool:
-        return self.freeze_count > 0
+        return bool(self.holders)
 
-    def freeze(self) -> None:
-        """Forbid removing or re-pointing this link until as many :meth:`unfreeze` calls."""
-        self.freeze_count += 1
+    @property
+    def freeze_count(self) -> int:
+        return len(self.holders)
 
-    def unfreeze(self) -> None:
-        if self.freeze_count <= 0:
-            raise GraphError(f"link {self.describe()} is not frozen")
-        self.freeze_count -= 1
+    def check_freeze(self, owner: str, changes: bool = False) -> None:
+        """Raise FrozenLinkError unless ``owner`` may freeze this link (see :meth:`freeze`)."""
+        if self.changer is not None and self.changer != owner:
+            raise FrozenLinkError(f"Cannot freeze {self.ends()} for {owner}: it is being changed by {self.changer}")
+        others = [holder for holder in dict.fromkeys(self.holders) if holder != owner]
+        if changes and others:
+            raise FrozenLinkError(f"Cannot change {self.ends()} for {owner}: it is frozen by {' and '.join(others)}")
+
+    def freeze(self, owner: str, changes: bool = False) -> None:
+        """Forbid removing or re-pointing this link until ``owner`` calls :meth:`unfreeze`.
+
+        Holders that need the link *unchanged* share it, each with a freeze of its own. A holder
+        that will change the link itself when it lets go (``changes``) must be the only one:
+        it is refused while anyone else holds the link, and while it holds it nobody else may
+        freeze it. So two jobs can never both be accepted and then collide at completion."""
+        self.check_freeze(owner, changes)
+        self.holders.append(owner)
+        if changes:
+            self.changer = owner
+
+    def unfreeze(self, owner: str) -> None:
+        if owner not in self.holders:
+            raise GraphError(f"link {self.describe()} is not frozen by {owner}")
+        self.holders.remove(owner)
+        if self.changer == owner and owner not in self.holders:
+            self.changer = None
+
+    def ends(self) -> str:
+        """qemu's words for the link: 'backing' link from 'top' to 'mid'."""
+        return f"'{self.name}' link from '{_parent_name(self)}' to '{self.node.node_name}'"
+
+    def frozen_error(self) -> FrozenLinkError:
+        """The refusal of a change to this link while it is frozen, naming who holds it."""
+        holders = " and ".join(dict.fromkeys(self.holders))
+        return FrozenLinkError(f"Cannot change frozen {self.ends()}: it is frozen by {holders}")
 
     def describe(self) -> str:
         if self.is_root:
@@ -194,7 +229,7 @@ class BlockGraph:
             raise GraphError(f"Node '{node.node_name}' is busy: in use by {users}")
         frozen = [link for link in node.children.values() if link.frozen]
         if frozen:
-            raise FrozenLinkError(f"Cannot remove node '{node.node_name}': link {frozen[0].describe()} is frozen")
+            raise FrozenLinkError(f"Cannot remove node '{node.node_name}': {frozen[0].frozen_error()}")
 
     # -- links ----------------------------------------------------------------------------------
 
@@ -222,7 +257,7 @@ class BlockGraph:
 
     def detach(self, link: ChildLink) -> None:
         if link.frozen:
-            raise FrozenLinkError(f"Cannot remove frozen link {link.describe()}")
+            raise link.frozen_error()
         with Transaction() as tran:
             self._unlink(tran, link)
             self.refresh_perms(tran, [link.node])
@@ -238,9 +273,7 @@ class BlockGraph:
     def replace_child(self, link: ChildLink, new_child: BlockNode, tran: Transaction | None = None) -> None:
         """Re-point one link at another node."""
         if link.frozen:
-            raise FrozenLinkError(
-                f"Cannot change frozen '{link.name}' link from '{_parent_name(link)}' to '{link.node.node_name}'"
-            )
+            raise link.frozen_error()
         if not link.is_root and any(n is link.parent for n in descendants(new_child)):
             raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
         with _within(tran) as tran:
@@ -256,7 +289,7 @@ class BlockGraph:
         if (link.node if link is not None else None) is child:
             return  # already so (including "no such child" asked to stay absent)
         if link is not None and link.frozen:
-            raise FrozenLinkError(f"Cannot change frozen '{name}' link of '{parent.node_name}'")
+            raise link.frozen_error()
         if child is not None and any(n is parent for n in descendants(child)):
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
         if link is None:
@@ -282,7 +315,7 @@ class BlockGraph:
         ]
         frozen = [link for link in moving if link.frozen]
         if frozen:
-            raise FrozenLinkError(f"Cannot change frozen link {frozen[0].describe()}")
+            raise frozen[0].frozen_error()
         with _within(tran) as tran:
             for link in moving:
                 self._repoint(tran, link, new)
@@ -318,15 +351,28 @@ class BlockGraph:
 
     # -- freezing -------------------------------------------------------------------------------
 
-    def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
-        """Freeze the filter/COW links from ``top`` down to ``base``; several holders may freeze
-        the same link (a counter, not a flag). Returns the links for :meth:`unfreeze_links`."""
-        links = chain_links(top, base)
+    def freeze_chain(
+        self, top: BlockNode, base: BlockNode | None, owner: str, changes: Iterable[ChildLink] = ()
+    ) -> list[ChildLink]:
+        """Freeze the filter/COW links from ``top`` down to ``base`` for ``owner``
+        (:meth:`freeze_links`). Returns the links for :meth:`unfreeze_links`."""
+        return self.freeze_links(chain_links(top, base), owner, changes)
+
+    def freeze_links(self, links: list[ChildLink], owner: str, changes: Iterable[ChildLink] = ()) -> list[ChildLink]:
+        """Freeze ``links`` for ``owner``, all or none: ``changes`` are those it will change
+        itself when it lets go (ChildLink.freeze). Returns the links for :meth:`unfreeze_links`."""
+        self.check_freeze(links, owner, changes)
+        changing = {id(link) for link in changes}
+        for link in links:
+            link.freeze(owner, changes=id(link) in changing)
+        return list(links)
+
+    def check_freeze(self, links: Iterable[ChildLink], owner: str, changes: Iterable[ChildLink] = ()) -> None:
+        """Raise FrozenLinkError unless :meth:`freeze_links` would succeed (changes nothing)."""
+        changing = {id(link) for link in changes}
         for link in links:
             self.check_freezable(link)
-        for link in links:
-            link.freeze()
-        return links
+            link.check_freeze(owner, changes=id(link) in changing)
 
     @staticmethod
     def check_freezable(link: ChildLink, job_id: str | None = None) -> None:
@@ -339,9 +385,9 @@ class BlockGraph:
                 )
 
     @staticmethod
-    def unfreeze_links(links: Iterable[ChildLink]) -> None:
+    def unfreeze_links(links: Iterable[ChildLink], owner: str) -> None:
         for link in links:
-            link.unfreeze()
+            link.unfreeze(owner)
 
     # -- permissions ----------------------------------------------------------------------------
 

@@ -53,10 +53,10 @@ class CommitJob(Job):
         self.committed: list[tuple[int, int]] = []
 
     def install(self, tran) -> None:
-        self.frozen = [self.overlay_link, *chain_links(self.top, self.base)]
-        for link in self.frozen:
-            link.freeze()
-        tran.add(abort=lambda: self.graph.unfreeze_links(self.frozen))
+        # the overlay's backing link is re-pointed at the base on completion: this job owns that change
+        chain = [self.overlay_link, *chain_links(self.top, self.base)]
+        self.frozen = self.graph.freeze_links(chain, self.holder, changes=[self.overlay_link])
+        tran.add(abort=lambda: self.graph.unfreeze_links(self.frozen, self.holder))
         self.reader = self.graph.attach_user(self.user, self.top, Perm(0), ALL)
         tran.add(abort=lambda: self.graph.detach_user(self.user))
 
@@ -92,7 +92,7 @@ class CommitJob(Job):
             await self._discard_committed()
 
     def _pivot(self) -> None:
-        self.graph.unfreeze_links(self.frozen)
+        self.graph.unfreeze_links(self.frozen, self.holder)
         self.frozen = []
         self.dropped = [link.parent for link in chain_links(self.top, self.base)]  # top .. above base
         self.graph.replace_child(self.overlay_link, self.base)

@@ -113,6 +113,11 @@ class Job:
         self.concluded = asyncio.Event()
         self.frozen: list[ChildLink] = []  # links a block job holds frozen while it runs
 
+    @property
+    def holder(self) -> str:
+        """How the graph names this job as the holder of frozen links (in refusals)."""
+        return f"job '{self.id}'"
+
     # -- what subclasses provide -------------------------------------------------------------
 
     async def work(self) -> None:
@@ -139,7 +144,7 @@ class Job:
         the graph is left as the job found it as far as it can be; the first failure is raised."""
         frozen: list[ChildLink] = self.frozen
         self.frozen = []
-        steps = [lambda: graph.unfreeze_links(frozen), lambda: graph.detach_user(self.user)]
+        steps = [lambda: graph.unfreeze_links(frozen, self.holder), lambda: graph.detach_user(self.user)]
         if filt is not None:
             steps.append(lambda: graph.remove_filter(filt, below))
         failures: list[Exception] = []
@@ -206,15 +211,19 @@ class Job:
             raise JobCancelled()
         if self._pause_count and self.status in (JobStatus.RUNNING, JobStatus.READY):
             self._transition(JobStatus.PAUSED if self.status is JobStatus.RUNNING else JobStatus.STANDBY)
-        if not self._resumed.is_set():
+        if self._resumed.is_set():
+            return
+        # A worker woken by a resume may run only after another worker has stopped the job again
+        # (an error under the ``stop`` policy): it waits again rather than mark the job running.
+        while not self._resumed.is_set():
             await self._resumed.wait()
             if self.cancelled:
                 raise JobCancelled()
-            # several workers may wake here; the first one moves the state back
-            if self.status is JobStatus.PAUSED:
-                self._transition(JobStatus.RUNNING)
-            elif self.status is JobStatus.STANDBY:
-                self._transition(JobStatus.READY)
+        # several workers may wake here; the first one moves the state back
+        if self.status is JobStatus.PAUSED:
+            self._transition(JobStatus.RUNNING)
+        elif self.status is JobStatus.STANDBY:
+            self._transition(JobStatus.READY)
 
     async def throttle(self, nbytes: int) -> None:
         """The speed limit: call before moving ``nbytes``; waits until the bytes already moved
@@ -264,6 +273,7 @@ class Job:
         self.check_verb("resume")
         if self._pause_count == 0:
             raise JobError(f"Can't resume a job that was not paused: '{self.id}'")
+        self.io_status = "ok"  # as qemu's block_job_user_resume: a user resume clears the error
         self._pause_count -= 1
         if self._pause_count == 0:
             self._resumed.set()

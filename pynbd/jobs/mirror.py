@@ -78,6 +78,9 @@ class MirrorJob(Job):
         graph = self.graph
         if self.base is None and self.source.size != self.target.size:
             raise BlockError(errno.EINVAL, "Source and target image have different sizes")
+        if self.base is not None:  # active commit: reads the chain, changes none of its links
+            self.frozen = graph.freeze_chain(self.source, self.base, self.holder)
+            tran.add(abort=lambda: graph.unfreeze_links(self.frozen, self.holder))
         graph.insert_filter(tran, self.top, self.source)
         self.reader = graph.attach_user(self.user, self.top, Perm(0), ALL)
         shared = Perm.WRITE_UNCHANGED
@@ -86,9 +89,6 @@ class MirrorJob(Job):
         self.writer = graph.attach_user(self.user, self.target, Perm.WRITE, shared)
         tran.add(abort=lambda: graph.detach_user(self.user))
         self.top.activate(self.writer)
-        if self.base is not None:
-            self.frozen = graph.freeze_chain(self.source, self.base)
-            tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
 
     # -- work -----------------------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class MirrorJob(Job):
                 await self._copy(offset, length)
             await self.writer.flush()
             if pivot:
-                self.graph.unfreeze_links(self.frozen)
+                self.graph.unfreeze_links(self.frozen, self.holder)
                 self.frozen = []
                 self.graph.detach_user(self.user)
                 self.graph.replace_node(self.top, self.target)
