@@ -239,14 +239,7 @@ def test_a_failed_write_into_the_top_is_a_read_error_too(kind, start_daemon, wor
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(
-            "pynbd",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="qcow2: an allocating write whose data write fails has already pointed the L2 "
-                "entry at the new cluster, so the range then reads as zeroes (reported, not fixed here)",
-            ),
-        ),
+        "pynbd",
         "qsd",
     ],
 )

@@ -561,7 +561,7 @@ class Qcow2Node(BlockNode):
                             j += 1
                         run_end = min(table_end, (base + j) << bits)
                         await self._write_new_clusters(
-                            table, base + i, j - i, pos, run_end, view[pos - offset :], in_place
+                            table, base + i, j - i, pos, run_end, view[pos - offset :]
                         )
                         self.l2cache.mark_dirty(l2_offset)
                     pos = run_end
@@ -574,14 +574,9 @@ class Qcow2Node(BlockNode):
         pos: int,
         end: int,
         data: memoryview,
-        in_place: list[tuple[int, memoryview]] | None = None,
     ) -> None:
         """Copy-on-write ``count`` clusters from guest cluster ``first``: new clusters get the old
-        content around the written part, then the L2 entries switch and the old clusters are freed.
-
-        A write that carries only the caller's bytes (whole clusters, or fresh clusters) may be left
-        to run outside the lock (``in_place``); one that also writes old content around them may
-        not, or it could overwrite a concurrent write to another part of the same cluster."""
+        content around the written part, then the L2 entries switch and the old clusters are freed."""
         bits, cs = self.cluster_bits, self.cluster_size
         base = first - first % self.l2_entries
         start, stop = first << bits, (first + count) << bits
@@ -602,10 +597,14 @@ class Qcow2Node(BlockNode):
                 buf[(count - 1) * cs :] = await self._cluster_content(last, table[last - base])
             buf[pos - start : end - start] = data[: end - pos]
             payload = buf
-        if in_place is not None and isinstance(payload, memoryview):
-            in_place.append((write_at, payload))
-        else:
+        # The data goes into the new clusters before any L2 entry points at them, as in qemu: a
+        # write that fails then leaves the range reading as before, and no reader can see a new
+        # cluster before its data is in it. (Only overwrites of owned clusters run outside the lock.)
+        try:
             await self.file.write(write_at, payload)
+        except BaseException:
+            self.refcounts.free_later(host >> bits, count)  # nothing points at them: give them back
+            raise
         for k in range(count):
             index = first - base + k
             old = table[index]
