@@ -71,11 +71,10 @@ class CopyOnReadNode(FilterNode):
         released = 0
         for start, length in self.copied.dirty_ranges():
             async with self.lock.hold(start, start + length):
-                unallocate = getattr(self.filtered.node, "unallocate", None)
-                if unallocate is None:
+                if not self.filtered.node.can_unallocate:
                     what = self.filtered.describe()
                     raise BlockError(errno.ENOTSUP, f"{what} cannot give clusters back to its backing")
-                await unallocate(start, length)
+                await self.filtered.unallocate(start, length)
                 self.copied.reset_range(start, length)
                 released += length
         return released
