@@ -148,13 +148,17 @@ class MirrorJob(Job):
 
     async def _punch(self, offset: int, length: int) -> None:
         """Give a copied chunk back from the layers above the base (the caller holds the copy
-        lock, so no write to the base only slips in). The top's clusters go under the guests'
-        range lock, and only if no guest wrote the range since the copy read it: such a write
-        re-marked it dirty and lives in the top alone until it is copied again."""
+        lock, so no write to the base alone slips in). The top's clusters go under the guests'
+        range lock, and only where no guest wrote since the copy read the chunk: such a write
+        re-marked its part dirty and lives in the top alone until that part is copied again."""
         top = self.top
         await self.punch.release_below_top(offset, length)
         async with top.lock.hold(offset, offset + length):
-            await self.punch.release_top(offset, length, lambda: not top.dirty.dirty_ranges(offset, length))
+            pos = offset
+            for run, dirty in top.dirty.extents(offset, length):
+                if not dirty:
+                    await self.punch.release_top(pos, run)
+                pos += run
 
     async def _copy_dirty(self, engine: CopyEngine, converge: bool = False) -> None:
         """Copy until nothing is dirty. With ``converge``, a pass that does not at least halve what

@@ -17,7 +17,7 @@ Order, so that a crash at any moment leaves every image reading the right data t
    same bytes;
 3. the top layer last. The top of an active commit is written by guests, so its clusters are
    dropped under the mirror filter's range lock and only if no guest wrote the range since the
-   copy read it (:meth:`release_top`'s ``still_clean``). The layers below the top are backing
+   copy read it (the filter's dirty bitmap: pynbd/jobs/mirror.py). The layers below the top are backing
    files, which only the job writes (as with qemu's commit, the permissions cannot keep a user
    who opened one of them read-write on purpose from writing it meanwhile: a commit does not
    expect that, with or without hole punching).
@@ -29,7 +29,6 @@ lifetime (as it does the base) and read-only again at its end.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 
 from pynbd.graph.core import BlockGraph, ChildLink, GraphUser, chain_links
 from pynbd.graph.perms import Perm, Role
@@ -97,15 +96,12 @@ class HolePunch:
             if await self._drop(link, offset, length):
                 await link.flush()
 
-    async def release_top(self, offset: int, length: int, still_clean: Callable[[], bool] | None = None) -> bool:
-        """Step 3: drop the range from the top layer (after :meth:`release_below_top`), unless
-        ``still_clean`` says a write reached it since the copy read it. Not flushed here: the
-        top's next flush (a guest's, the job's end) makes it durable, and until then the top on
-        disk still holds the same bytes as the base."""
-        if still_clean is not None and not still_clean():
-            return False
+    async def release_top(self, offset: int, length: int) -> None:
+        """Step 3: drop the range from the top layer (after :meth:`release_below_top`; in an
+        active commit only the parts no guest wrote since the copy read them). Not flushed here:
+        the top's next flush (a guest's, the job's end) makes it durable, and until then the top
+        on disk still holds the same bytes as the base."""
         await self._drop(self.links[0], offset, length)
-        return True
 
     @staticmethod
     async def _drop(link: ChildLink, offset: int, length: int) -> bool:

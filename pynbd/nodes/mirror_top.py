@@ -89,11 +89,13 @@ class MirrorTopNode(FilterNode):
             await self._to_source(offset, length, apply)
 
     async def _to_source(self, offset: int, length: int, apply) -> None:
-        """The write as without hole punching (the caller holds the locks that mode needs)."""
+        """The write as without hole punching (the caller holds the locks that mode needs).
+        With hole punching a write-blocking write marks its range too: it may have allocated
+        clusters in the top over ranges already committed, which the job must give back again."""
         await apply(self.source)
         if self.write_blocking:
             await apply(self.target)
-        else:
+        if not self.write_blocking or self.skip_depth:
             self.dirty.set_range(offset, length)
             self.new_dirt.set()
 
