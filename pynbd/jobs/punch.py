@@ -101,7 +101,8 @@ class HolePunch:
         active commit only the parts no guest wrote since the copy read them). Not flushed here:
         the top's next flush (a guest's, the job's end) makes it durable, and until then the top
         on disk still holds the same bytes as the base."""
-        await self._drop(self.links[0], offset, length)
+        if self.links:  # none: only filters between top and base
+            await self._drop(self.links[0], offset, length)
 
     @staticmethod
     async def _drop(link: ChildLink, offset: int, length: int) -> bool:
