@@ -89,6 +89,7 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
         raise QMPError(f"'{top.node_name}' is not above base '{base.node_name}'")
     job_id = job_id_of(daemon, args)
     refuse_second_commit_into(daemon, base)
+    discard_committed = args.get("x-discard-committed", False)
     if top is device:  # active commit: a mirror into the base, then a pivot
         job = MirrorJob(
             job_id,
@@ -100,24 +101,28 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
             on_source_error=args.get("on-error", "report"),
             on_target_error=args.get("on-error", "report"),
             base=base,
+            discard_committed=discard_committed,
             **_job_kwargs(args),
         )
-        await _reopen_base_for(daemon, job, base)
-    else:
-        overlay = next(
-            (n for n in chain[: chain.index(top)] if (lk := filtered_or_cow_child(n)) and lk.node is top), None
-        )
-        job = CommitJob(
-            job_id,
-            daemon.graph,
-            filtered_or_cow_child(overlay),
-            top,
-            base,
-            on_error=args.get("on-error", "report"),
-            discard_committed=args.get("x-discard-committed", False),
-            backing_file=args.get("backing-file"),
-            **_job_kwargs(args),
-        )
+        try:
+            await _reopen_for(daemon, job, base)
+            _start(daemon, job)
+        except BaseException:  # the job never ran: nothing else will put them back
+            await _undo_reopen(daemon, job)
+            raise
+        return
+    overlay = next((n for n in chain[: chain.index(top)] if (lk := filtered_or_cow_child(n)) and lk.node is top), None)
+    job = CommitJob(
+        job_id,
+        daemon.graph,
+        filtered_or_cow_child(overlay),
+        top,
+        base,
+        on_error=args.get("on-error", "report"),
+        discard_committed=discard_committed,
+        backing_file=args.get("backing-file"),
+        **_job_kwargs(args),
+    )
     await _start_or_restore(daemon, job)
 
 
@@ -146,10 +151,20 @@ async def _start_or_restore(daemon: Daemon, job: MirrorJob | CommitJob | StreamJ
         raise
 
 
-async def _reopen_base_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
+async def _reopen_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
     """Active commit writes the base (read-only as a backing file): reopen it read-write now and,
-    if the job does not pivot to it, read-only again when it ends."""
+    if the job does not pivot to it, read-only again when it ends. With hole punching the layers
+    above the base too (read-only again when the job ends, pivot or not)."""
     job.reopened = await set_read_only(daemon.graph, base, False)
+    if job.punch is not None:
+        await job.punch.make_writable()
+
+
+async def _undo_reopen(daemon: Daemon, job: MirrorJob) -> None:
+    if job.punch is not None:
+        await job.punch.restore()
+    if job.reopened:
+        await restore(daemon.graph, job.reopened, True)
 
 
 @command(

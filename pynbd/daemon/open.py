@@ -113,7 +113,10 @@ async def open_backing_chain(daemon: Daemon, header, file: BlockNode, created: l
     fmt = header.backing_format or probe_format(path)
     if fmt not in FORMATS:
         raise QMPError(f"Could not open backing file: Unknown driver '{fmt}'")
-    options: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path, "read-only": True}}
+    # discard=unmap: qemu's default for every layer below the one the user opened (block.c,
+    # bdrv_inherited_options): a commit that gives clusters back gives the file space back too
+    file = {"driver": "file", "filename": path, "read-only": True, "discard": "unmap"}
+    options: dict = {"driver": fmt, "read-only": True, "discard": "unmap", "file": file}
     token = _CHAIN_ABOVE.set(above)
     try:
         return await add_node(daemon, options, created)

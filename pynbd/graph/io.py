@@ -317,6 +317,24 @@ class RequestGate:
         finally:
             node.io.end(key)
 
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop the range's whole clusters from the node's own layer (reads fall through to its
+        backing chain again). A change to the node like a write, so it needs WRITE or
+        WRITE_UNCHANGED and marks dirty bitmaps; not a discard, so the discard policy does not
+        apply (the data stays readable through the chain)."""
+        self._check_writable()
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
+        try:
+            self._check_range(node, offset, length)
+            if node.dirty_bitmaps or node.internal_bitmaps:
+                node.mark_dirty(offset, length)
+            await node.unallocate(offset, length)
+        finally:
+            node.io.end(key)
+
     async def flush(self) -> None:
         node = self.node
         key = self._enter_now(node, 0, 0)

@@ -7,7 +7,9 @@ both sides before it is acknowledged). The pivot itself runs **drained**: guest 
 already inside the filter finish (and mark their ranges) before the last dirty ranges are copied
 and every user of the source is moved to the target, so no acknowledged write is left behind. Active
 commit is the same with the target being the source's own base, and the chain between them frozen
-for the job's lifetime.
+for the job's lifetime. With hole punching (``x-discard-committed``, pynbd/jobs/punch.py) each
+copied chunk is dropped from the layers above the base once the base holds it, and guest writes
+over ranges no such layer allocates go to the base only (nodes/mirror_top.py).
 
 Convergence: the first pass gives way to client requests (pynbd.priority), so a backup-sized copy
 does not stretch guest latency; later passes, which chase what guests keep dirtying, do not; and
@@ -28,6 +30,7 @@ from pynbd.graph.perms import ALL, Perm
 from pynbd.graph.reopen import restore
 from pynbd.jobs.copy import CopyEngine, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled, JobStatus
+from pynbd.jobs.punch import HolePunch
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.mirror_top import MirrorTopNode
 
@@ -49,6 +52,7 @@ class MirrorJob(Job):
         on_source_error: str = "report",
         on_target_error: str = "report",
         base: BlockNode | None = None,
+        discard_committed: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(job_id, **kwargs)
@@ -62,10 +66,14 @@ class MirrorJob(Job):
         self.on_target_error = on_target_error
         if base is not None:
             self.job_type = "commit"
+        self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
+        #: active commit with hole punching: the layers above the base, given back as it goes
+        self.punch = HolePunch(graph, self.user, source, base) if discard_committed and base is not None else None
+        if self.punch is not None:  # a chunk must cover whole clusters of every layer
+            granularity = max(granularity, self.punch.granularity)
         self.top = MirrorTopNode(filter_node_name or graph.auto_name(), granularity, active_commit=base is not None)
         self.top.implicit = filter_node_name is None  # type: ignore[attr-defined]
         self.top.owner_job = job_id
-        self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
         self.users = [self.user]
         self.pivoted = False
         #: active commit: the base nodes reopened read-write for the job (read-only again at the
@@ -89,6 +97,9 @@ class MirrorJob(Job):
         self.writer = graph.attach_user(self.user, self.target, Perm.WRITE, shared)
         tran.add(abort=lambda: graph.detach_user(self.user))
         self.top.activate(self.writer)
+        if self.punch is not None:
+            self.punch.attach(self.writer)
+            self.top.skip_depth = len(self.punch.layers)
 
     # -- work -----------------------------------------------------------------------------------
 
@@ -132,6 +143,22 @@ class MirrorJob(Job):
             except BaseException:
                 top.dirty.set_range(offset, length)
                 raise
+            if self.punch is not None:
+                await self._punch(offset, length)
+
+    async def _punch(self, offset: int, length: int) -> None:
+        """Give a copied chunk back from the layers above the base (the caller holds the copy
+        lock, so no write to the base alone slips in). The top's clusters go under the guests'
+        range lock, and only where no guest wrote since the copy read the chunk: such a write
+        re-marked its part dirty and lives in the top alone until that part is copied again."""
+        top = self.top
+        await self.punch.release_below_top(offset, length)
+        async with top.lock.hold(offset, offset + length):
+            pos = offset
+            for run, dirty in top.dirty.extents(offset, length):
+                if not dirty:
+                    await self.punch.release_top(pos, run)
+                pos += run
 
     async def _copy_dirty(self, engine: CopyEngine, converge: bool = False) -> None:
         """Copy until nothing is dirty. With ``converge``, a pass that does not at least halve what
@@ -196,6 +223,8 @@ class MirrorJob(Job):
             for offset, length in self.top.dirty.dirty_ranges():
                 await self._copy(offset, length)
             await self.writer.flush()
+            if self.punch is not None:
+                await self.punch.flush_top()
             if pivot:
                 self.graph.unfreeze_links(self.frozen, self.holder)
                 self.frozen = []
@@ -213,6 +242,8 @@ class MirrorJob(Job):
         await self.leave_graph(self.graph, [self.top], self.top, self.source)
         if self.reopened and not self.pivoted:
             await restore(self.graph, self.reopened, True)
+        if self.punch is not None:  # layers reopened for the job stay nodes of the graph
+            await self.punch.restore()
 
 
 __all__ = ["MirrorJob", "JobStatus"]

@@ -46,7 +46,8 @@ class BlockNode(ABC):
     can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
     cluster_size: int = 0
-    #: Whether :meth:`unallocate` can drop clusters so that reads fall through to the backing.
+    #: Whether :meth:`unallocate` works: the node has layers of its own over a backing chain
+    #: (qcow2) and can drop clusters so that reads fall through to the backing again.
     can_unallocate: bool = False
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
     #: freeze its links, so the job can always take it out again.
@@ -144,6 +145,13 @@ class BlockNode(ABC):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation extents covering exactly ``[offset, offset+length)``, merged."""
 
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop the whole clusters inside the range from this layer, so that reads there fall
+        through to the backing chain again (not zeroes, as a discard would make them). Only for
+        data the backing chain holds too: a commit that copied it into the base, a copy-on-read
+        copy-up. Nodes without layers of their own cannot (see :attr:`can_unallocate`)."""
+        raise BlockError(errno.ENOTSUP, f"{self.describe()} cannot give clusters back to its backing chain")
+
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         """qemu:allocation-depth extents: 0 unallocated anywhere, 1 this node, 2 its backing, ...
 
@@ -154,12 +162,6 @@ class BlockNode(ABC):
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch hint; nodes without a cache ignore it."""
         return None
-
-    async def unallocate(self, offset: int, length: int) -> None:
-        """Drop the whole clusters inside the range, so that they read from the backing chain
-        again (a copy-on-read release, a hole-punching commit). Only nodes that declare
-        :attr:`can_unallocate` can; it is not a request (the caller runs it drained)."""
-        raise BlockError(errno.ENOTSUP, f"{self.describe()} cannot give clusters back to its backing")
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, file offset) from which ``os.sendfile`` may send this range verbatim, if any."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 from bitarray import bitarray
 
 from pynbd.bitmap import DirtyBitmap
-from pynbd.graph.core import chain_links
+from pynbd.graph.core import ChildLink, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import PASSTHROUGH, Perm
 from pynbd.nodes.base import BlockNode, FilterNode
@@ -114,14 +114,15 @@ class CopiedClusters:
         self.copied.bits[clusters] = unchanged
         self.written.bits[clusters] = 0
 
-    async def release(self) -> int:
-        """Unallocate every releasable cluster in the top; returns the bytes released. The
-        caller holds the top drained, so no write can reach a cluster between check and drop."""
+    async def release(self, top: ChildLink) -> int:
+        """Unallocate every releasable cluster in the top (through the filter's link ``top``);
+        returns the bytes released. The caller holds the top drained, so no write can reach a
+        cluster between check and drop."""
         releasable = self._bitmap()
         releasable.bits = self._releasable(slice(None))
         released = 0
         for offset, length in releasable.dirty_ranges():
-            await self.top.unallocate(offset, length)
+            await top.unallocate(offset, length)
             self.copied.reset_range(offset, length)
             released += length
         return released
@@ -202,7 +203,7 @@ class CopyOnReadNode(FilterNode):
             if not tracked.matches(self.filtered.node, backing_chain(self.filtered.node)):
                 self._stop_tracking()  # another top, or another chain beneath it: keep it all
                 return 0
-            return await tracked.release()
+            return await tracked.release(self.filtered)
 
     async def _guest(self, offset: int, length: int, apply) -> None:
         # the gate marks the write in the tracking bitmap of the top; the lock keeps it from

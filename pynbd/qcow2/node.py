@@ -119,7 +119,6 @@ async def read_header(file: BlockNode) -> Header:
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
-    can_unallocate = True
 
     def __init__(
         self,
@@ -710,11 +709,20 @@ class Qcow2Node(BlockNode):
         """As qemu: discarded clusters read as zeroes (v3), never as the backing file's data."""
         await self._discard(offset, length, full=False)
 
+    @property
+    def can_unallocate(self) -> bool:
+        """Plain L2 entries only: a subcluster image or one with internal snapshots (shared
+        clusters) is never written here (see :meth:`open`)."""
+        return not self.header.extended_l2 and not self.header.nb_snapshots
+
     async def unallocate(self, offset: int, length: int) -> None:
         """Drop whole clusters so that reads fall through to the backing file again (what a
-        copy-on-read filter releases: data it only ever copied up, which the backing still holds).
-        Bitmaps are marked all the same: cheaper than proving the backing has not changed since."""
-        self.mark_dirty(offset, length)
+        copy-on-read filter releases: data it only ever copied up, which the backing still holds;
+        what a hole-punching commit has copied into the base). The gate marks bitmaps, as for
+        a write: cheaper than proving the backing holds the same bytes."""
+        if not self.can_unallocate:
+            what = "subclusters" if self.header.extended_l2 else "internal snapshots"
+            raise BlockError(errno.ENOTSUP, f"{self.describe()}: cannot unallocate clusters in an image with {what}")
         await self._discard(offset, length, full=True)
 
     async def _discard(self, offset: int, length: int, full: bool) -> None:
@@ -725,8 +733,8 @@ class Qcow2Node(BlockNode):
             while pos < end:
                 l1_index = (pos >> bits) // self.l2_entries
                 table_end = min(end, (l1_index + 1) * self.l2_span)
-                if not self._l2_offset(l1_index) and self.backing is None:
-                    pos = table_end  # nothing there, and nothing below to hide
+                if not self._l2_offset(l1_index) and (full or self.backing is None):
+                    pos = table_end  # nothing there (to unallocate, or to hide a backing file with)
                     continue
                 l2_offset, table = await self._l2_for_write(l1_index)
                 base = l1_index * self.l2_entries

@@ -333,7 +333,15 @@ class Refcounts:
             freed.extend(await self._add(start, count, -1))
         if freed:
             self.free_hint = min(self.free_hint, min(start for start, _ in freed))
-        return freed
+        # clusters are queued one L2 entry at a time: joined into runs, a commit that gives a
+        # whole image back punches its file a few times, not once per cluster
+        runs: list[tuple[int, int]] = []
+        for start, count in sorted(freed):
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((start, count))
+        return runs
 
     # -- write-back ------------------------------------------------------------------------------
 
