@@ -189,7 +189,7 @@ class RequestGate:
 
     node: BlockNode
     perm: Perm
-    parent: object
+    parent: BlockNode | GraphUser
     #: True for links of root users (exports, jobs): their requests wait while the node is drained
     queues: bool
 

@@ -146,6 +146,8 @@ class Job:
         self.frozen = []
         steps = [lambda: graph.unfreeze_links(frozen, self.holder), lambda: graph.detach_user(self.user)]
         if filt is not None:
+            if below is None:
+                raise ValueError("a filter to remove needs the node it goes back to")
             steps.append(lambda: graph.remove_filter(filt, below))
         failures: list[Exception] = []
         async with drained(drain, owner=self.user):

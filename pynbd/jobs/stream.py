@@ -57,7 +57,11 @@ class StreamJob(Job):
         self.on_error = on_error
         self.device = top.node_name
         links = chain_links(top, base)
-        self.bottom = links[-1].parent if base is not None and links else None  # just above the base
+        self.bottom: BlockNode | None = None  # the node just above the base
+        if base is not None and links:
+            above_base = links[-1].parent
+            assert isinstance(above_base, BlockNode)  # a backing link's parent is a node
+            self.bottom = above_base
         self.cor = CopyOnReadNode(filter_node_name or graph.auto_name(), bottom=self.bottom)
         self.cor.implicit = filter_node_name is None  # type: ignore[attr-defined]
         self.cor.owner_job = job_id

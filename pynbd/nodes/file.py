@@ -237,7 +237,8 @@ class FileNode(BlockNode):
         try:
             locks.transition(self.fd, old, (perm, shared))
         except locks.LockConflict as exc:
-            raise ImageLocked(exc.strerror, f"Is another process using the image [{self.filename}]?") from None
+            hint = f"Is another process using the image [{self.filename}]?"
+            raise ImageLocked(exc.strerror or "Failed to lock byte", hint) from None
         except OSError as exc:
             raise BlockError(exc.errno or errno.EAGAIN, f"{self.filename}: {exc.strerror or exc}") from None
         self._locked = (perm, shared)
