@@ -239,7 +239,7 @@ def _first_extension_type(path: Path) -> int:
 
 
 def _l2_entry(path: Path) -> None:
-    set_field(path, l2_table(path), ">Q", (1 << 63) | TiB)  # COPIED, 1 TiB into a 400 KiB file
+    set_field(path, l2_table(path), ">Q", (1 << 63) | TiB)  # COPIED, 1 TiB into a 384 KiB file
 
 
 def _refblock_over_l1(path: Path) -> None:
@@ -273,9 +273,9 @@ L1_OVER_FILE = "the file holds a few clusters; a table past its end would read a
 
 CASES = [
     # -- the L1 table
-    Case("l1-size-huge", "l1_size 2^28 (a 2 GiB L1 table) in a 400 KiB file", "plain",
+    Case("l1-size-huge", "l1_size 2^28 (a 2 GiB L1 table) in a 384 KiB file", "plain",
          setter(L1_SIZE, ">I", 1 << 28), REFUSED, "Active L1 table too large", True),
-    Case("l1-size-past-eof", "l1_size 2^22 (a 32 MiB L1 table: qemu's cap) in a 400 KiB file", "plain",
+    Case("l1-size-past-eof", "l1_size 2^22 (a 32 MiB L1 table: qemu's cap) in a 384 KiB file", "plain",
          setter(L1_SIZE, ">I", 1 << 22), REFUSED, "Active L1 table", False,
          "qemu reads the 32 MiB table, zeroes past the end of the file: an L1 table no writer made, "
          "and 32 MiB of memory per crafted header"),
@@ -286,7 +286,7 @@ CASES = [
     # -- the refcount table
     Case("refcount-table-huge", "refcount_table_clusters 2^32-1", "plain",
          setter(REFCOUNT_TABLE_CLUSTERS, ">I", 0xFFFFFFFF), REFUSED, "Reference count table too large", True),
-    Case("refcount-table-past-eof", "refcount_table_clusters 128 (8 MiB: qemu's cap) in a 400 KiB file", "plain",
+    Case("refcount-table-past-eof", "refcount_table_clusters 128 (8 MiB: qemu's cap) in a 384 KiB file", "plain",
          setter(REFCOUNT_TABLE_CLUSTERS, ">I", 128), REFUSED, "Reference count table", False,
          "qemu reads 8 MiB, zeroes past the end of the file (it needs the table only to write)"),
     Case("refcount-offset-unaligned", "refcount_table_offset not on a cluster boundary", "plain",
@@ -360,7 +360,7 @@ CASES = [
          lambda path: zstd_bomb(path, True), READ_EIO, "inflates to more than a cluster", False),
     Case("zstd-bomb-streamed", "a zstd cluster that inflates to 16 MiB, its size unsaid", "zstd",
          lambda path: zstd_bomb(path, False), READ_EIO, "inflates to more than a cluster", False),
-    Case("l2-entry-past-eof", "a data cluster 1 TiB into a 400 KiB file", "plain",
+    Case("l2-entry-past-eof", "a data cluster 1 TiB into a 384 KiB file", "plain",
          _l2_entry, READ_EIO, "past the end of the file", False),
 ]  # fmt: skip
 
