@@ -12,7 +12,9 @@ import errno
 import os
 import select
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import tracemalloc
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 
 MiB = 1 << 20
 #: What any pynbd process may reach (peak RSS) while refusing or reading a crafted image. pynbd
-#: itself peaks at about 41 MiB doing so; before the limits, l1-size-huge alone took 4 GiB (and
+#: itself peaks at 27 to 32 MiB doing so; before the limits, l1-size-huge alone took 4 GiB (and
 #: then failed with a MemoryError traceback) and bitmap-table-huge more than the machine had.
 MEMORY_BOUND = 128 * MiB
 
@@ -69,25 +71,44 @@ class Measured:
     peak_rss: int  # bytes, the process's own high-water mark
 
 
+#: Runs argv[2:] as its child and writes "exit code, peak RSS in KiB" to fd argv[1]. The peak RSS
+#: Linux reports for a process includes that of the process it was forked from, until it execs
+#: (it survives exec): a child of the test process would report the test's own RSS. A child of
+#: this small launcher reports at most the launcher's (about 10 MiB) or its own.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if not pid:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(int(sys.argv[1]), b"%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss))
+"""
+
+
 def measured(argv: list[str], timeout: float = 120) -> Measured:
-    """Run ``argv`` to its end and return its output and its own peak RSS (wait4's rusage: only
-    this child's, whatever else the test ran). The wait is on a pidfd, never a timer."""
+    """Run ``argv`` to its end; its output, exit code and its own peak RSS (the rusage of that one
+    process, through _LAUNCHER). The wait is on a pidfd, never a timer."""
     env = dict(os.environ, PATH=SYSTEM_PATH)
+    report_r, report_w = os.pipe()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        launcher = [sys.executable, "-c", _LAUNCHER, str(report_w), *argv]
+        proc = subprocess.Popen(launcher, stdout=out, stderr=err, env=env, pass_fds=(report_w,), start_new_session=True)
+        os.close(report_w)
         pidfd = os.pidfd_open(proc.pid)
         try:
             ready, _, _ = select.select([pidfd], [], [], timeout)
             if not ready:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
         finally:
             os.close(pidfd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        assert ready, f"{argv} did not finish within {timeout}s"
+        proc.wait()
+        with os.fdopen(report_r, "rb") as report:
+            figures = report.read().split()
+        assert ready and len(figures) == 2, f"{argv} did not finish within {timeout}s"
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024)
+        code, peak_kib = (int(figure) for figure in figures)
+        return Measured(code, out.read().decode(), err.read().decode(), peak_kib * 1024)
 
 
 def assert_clean_refusal(result: Measured, *pieces: str) -> None:
