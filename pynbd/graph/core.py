@@ -159,6 +159,58 @@ def descendants(node: BlockNode) -> Iterator[BlockNode]:
         stack.extend(link.node for link in current.children.values())
 
 
+#: The longest path of links from a root user down to a leaf node. Requests recurse down every
+#: link (a filter passes them on, a qcow2 node reads what it lacks through its backing link), a
+#: few Python frames a link, so an unbounded graph would end in RecursionError; this limit keeps
+#: the deepest request well within Python's default recursion limit (1000 frames), with room for
+#: the server's own frames. qemu has no such limit. Image chains stop earlier, at
+#: pynbd.daemon.open.MAX_BACKING_CHAIN, leaving room for filters and jobs above them.
+MAX_GRAPH_DEPTH = 200
+
+
+def _height(node: BlockNode) -> int:
+    """Links on the longest path from ``node`` down to a leaf (iterative: graphs may be deep)."""
+    heights: dict[int, int] = {}
+    stack: list[tuple[BlockNode, bool]] = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if id(current) in heights:
+            continue
+        children = [link.node for link in current.children.values()]
+        if expanded:
+            heights[id(current)] = max((heights[id(child)] + 1 for child in children), default=0)
+            continue
+        stack.append((current, True))
+        stack.extend((child, False) for child in children if id(child) not in heights)
+    return heights[id(node)]
+
+
+def _depth(node: BlockNode) -> int:
+    """Links on the longest path from a root user (or a parentless node) down to ``node``."""
+    depths: dict[int, int] = {}
+    stack: list[tuple[BlockNode, bool]] = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if id(current) in depths:
+            continue
+        parents = list(current.parents)
+        if expanded:
+            depths[id(current)] = max(
+                (1 if link.is_root else depths[id(link.parent)] + 1 for link in parents), default=0
+            )
+            continue
+        stack.append((current, True))
+        stack.extend((link.parent, False) for link in parents if not link.is_root and id(link.parent) not in depths)
+    return depths[id(node)]
+
+
+def check_depth(parent_depth: int, child: BlockNode, what: str) -> None:
+    """Refuse a link whose parent is ``parent_depth`` links below a root and whose child has the
+    given graph below it, if the graph would grow deeper than MAX_GRAPH_DEPTH."""
+    if parent_depth + 1 + _height(child) > MAX_GRAPH_DEPTH:
+        raise GraphError(f"{what} would make the block graph more than {MAX_GRAPH_DEPTH} links deep (pynbd's limit)")
+
+
 def filtered_or_cow_child(node: BlockNode) -> ChildLink | None:
     """One step down "the backing chain": through a filter's child or a COW (backing) link."""
     for link in node.children.values():
@@ -241,6 +293,7 @@ class BlockGraph:
             raise GraphError(f"node {parent.node_name!r} already has a {name!r} child")
         if any(n is parent for n in descendants(child)):
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
+        check_depth(_depth(parent), child, f"making {child.node_name!r} a child of {parent.node_name!r}")
         link = ChildLink(parent, name, child, role, NONE, ALL)
         with Transaction() as tran:
             self._link(tran, link)
@@ -249,6 +302,7 @@ class BlockGraph:
 
     def attach_user(self, user: GraphUser, child: BlockNode, perm: Perm, shared: Perm) -> ChildLink:
         """A root user (export, job) starts using ``child`` with the given permissions."""
+        check_depth(0, child, f"{user.description} using node {child.node_name!r}")
         link = ChildLink(user, user.name, child, Role(0), perm, shared)
         with Transaction() as tran:
             self._link(tran, link)
@@ -276,6 +330,8 @@ class BlockGraph:
             raise link.frozen_error()
         if not link.is_root and any(n is link.parent for n in descendants(new_child)):
             raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
+        parent_depth = 0 if link.is_root else _depth(link.parent)
+        check_depth(parent_depth, new_child, f"re-pointing {link.describe()} to {new_child.node_name!r}")
         with _within(tran) as tran:
             old_child = link.node
             self._repoint(tran, link, new_child)
@@ -292,6 +348,8 @@ class BlockGraph:
             raise link.frozen_error()
         if child is not None and any(n is parent for n in descendants(child)):
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
+        if child is not None:
+            check_depth(_depth(parent), child, f"making {child.node_name!r} a child of {parent.node_name!r}")
         if link is None:
             self._link(tran, ChildLink(parent, name, child, parent.child_role(name), NONE, ALL))
         elif child is None:
@@ -316,6 +374,9 @@ class BlockGraph:
         frozen = [link for link in moving if link.frozen]
         if frozen:
             raise frozen[0].frozen_error()
+        if moving:
+            deepest = max(0 if link.is_root else _depth(link.parent) for link in moving)
+            check_depth(deepest, new, f"putting {new.node_name!r} in place of {old.node_name!r}")
         with _within(tran) as tran:
             for link in moving:
                 self._repoint(tran, link, new)
