@@ -119,6 +119,7 @@ async def read_header(file: BlockNode) -> Header:
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
+    supports_backing = True
 
     def __init__(
         self,
