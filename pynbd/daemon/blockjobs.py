@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
-from pynbd.graph.core import filtered_or_cow_child
+from pynbd.graph.core import GraphError, can_replace, filtered_or_cow_child, skip_filters
 from pynbd.graph.reopen import restore, set_read_only
 from pynbd.graph.transaction import Transaction
 from pynbd.jobs.commit import CommitJob
@@ -12,8 +14,10 @@ from pynbd.jobs.copy import ERROR_POLICIES
 from pynbd.jobs.core import JobStatus
 from pynbd.jobs.mirror import MirrorJob
 from pynbd.jobs.stream import StreamJob
-from pynbd.nodes.base import BlockNode
+from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.qmp.protocol import QMPError
+
+log = logging.getLogger("pynbd.daemon")
 
 JOB_COMMON = {"*job-id": "str", "*speed": "uint", "*auto-finalize": "bool", "*auto-dismiss": "bool"}
 
@@ -228,7 +232,8 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
 )
 async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
     source, target = daemon.node(args["device"]), daemon.node(args["target"])
-    if source is target:
+    replaces = node_to_replace(daemon, source, args["replaces"]) if "replaces" in args else None
+    if skip_filters(source) is skip_filters(target):
         raise QMPError("Can't mirror node into itself")
     if target.parents:
         raise QMPError(f"Node '{target.node_name}' is busy: in use as a target or by a user")
@@ -245,6 +250,7 @@ async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
         filter_node_name=args.get("filter-node-name"),
         on_source_error=args.get("on-source-error", "report"),
         on_target_error=args.get("on-target-error", "report"),
+        replaces=replaces,
         **_job_kwargs(args),
     )
     if args.get("copy-mode") == "write-blocking":
@@ -252,10 +258,28 @@ async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
     _start(daemon, job)
 
 
+def node_to_replace(daemon: Daemon, source: BlockNode, name: str) -> BlockNode:
+    """``replaces`` as qemu 7.2 checks it (check_to_replace_node): the node the pivot will replace
+    by the target must be the source or lie below it through filters only. Anything else (an
+    unrelated node, the target, a node under a format driver) would change what its users read
+    at the pivot."""
+    node = daemon.graph.nodes.get(name)
+    if node is None:
+        raise QMPError(f"Failed to find node with node-name='{name}'")
+    if not can_replace(source, node):
+        raise QMPError(
+            f"Cannot replace '{name}' by a node mirrored from '{source.node_name}', because it cannot be "
+            "guaranteed that doing so would not lead to an abrupt change of visible data"
+        )
+    return node
+
+
 @action("blockdev-snapshot", {"node": "str", "overlay": "str"})
-async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction) -> None:
+async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction):
     """Put ``overlay`` (a node without backing) on top of ``node``: it becomes the overlay's
-    backing and every user of ``node`` now uses the overlay."""
+    backing and every user of ``node`` now uses the overlay. Once the whole transaction has
+    committed, ``node`` is reopened read-only, as qemu does: it gives up its write lock, so the
+    image can be checked or copied by other processes while the overlay takes the writes."""
     node, overlay = daemon.node(args["node"]), daemon.node(args["overlay"])
     if "backing" in overlay.children:
         raise QMPError(f"The overlay already has a backing image: '{overlay.node_name}'")
@@ -263,11 +287,21 @@ async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction) -> None
         raise QMPError(f"The overlay '{overlay.node_name}' is already in use")
     if overlay.read_only:
         raise QMPError(f"The overlay '{overlay.node_name}' is not writable")
-    if not hasattr(overlay, "header"):
+    if not overlay.supports_backing:
         raise QMPError(f"The overlay does not support backing images: '{overlay.node_name}'")
     link = daemon.graph.attach_child(overlay, "backing", node)
     tran.add(abort=lambda: daemon.graph.detach(link))
     daemon.graph.replace_node(node, overlay, keep=[link], tran=tran)
+
+    async def old_layer_read_only() -> None:
+        # qemu (external_snapshot_commit) does this after the commit and ignores a failure: the
+        # snapshot itself has been taken either way
+        try:
+            await set_read_only(daemon.graph, node, True, inherits=lambda n: n.node_name not in daemon.monitor_owned)
+        except (BlockError, GraphError, OSError) as exc:
+            log.warning("blockdev-snapshot: %s stays read-write: %s", node.node_name, exc)
+
+    return None if node.read_only else old_layer_read_only
 
 
 command_from_action("blockdev-snapshot")

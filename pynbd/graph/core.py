@@ -219,6 +219,30 @@ def filtered_or_cow_child(node: BlockNode) -> ChildLink | None:
     return None
 
 
+def filters_below(node: BlockNode) -> Iterator[BlockNode]:
+    """The node, then each node below it through filter links only (qemu's bdrv_filter_bs
+    steps), down to the first node that is not a filter."""
+    while True:
+        yield node
+        link = node.filter_child()
+        if link is None:
+            return
+        node = link.node
+
+
+def skip_filters(node: BlockNode) -> BlockNode:
+    """The first node at or below ``node`` that is not a filter (qemu's bdrv_skip_filters)."""
+    *_, last = filters_below(node)
+    return last
+
+
+def can_replace(source: BlockNode, node: BlockNode) -> bool:
+    """Whether a copy of ``source`` may stand in for ``node`` (qemu's bdrv_recurse_can_replace):
+    only if ``node`` is ``source`` or lies below it through filters only, so that both show the
+    same data and replacing it changes nothing anyone reads."""
+    return any(n is node for n in filters_below(source))
+
+
 def chain_links(top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
     """The filter/COW links from ``top`` down to ``base`` (exclusive of base's own links)."""
     links = []

@@ -13,7 +13,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from pynbd.graph.io import drained
@@ -346,6 +346,8 @@ class Job:
         # the graph changes of the end run as a QMP command does: never interleaved with one
         async with self.manager.graph_lock if self.manager is not None else contextlib.nullcontext():
             await self._settle(failed)
+            if self.manager is not None and self.manager.after_graph_change is not None:
+                await self.manager.after_graph_change()
         self._conclude()
 
     async def _settle(self, failed: bool) -> None:
@@ -440,12 +442,20 @@ class Job:
 class JobManager:
     """All jobs of a daemon by id; forwards their events to the QMP layer."""
 
-    def __init__(self, emit: EventSink | None = None, graph_lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self,
+        emit: EventSink | None = None,
+        graph_lock: asyncio.Lock | None = None,
+        after_graph_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.jobs: dict[str, Job] = {}
         self._emit = emit
         #: the daemon's command lock: a job's end (pivot, filter removal) never interleaves with
         #: a QMP command's graph changes
         self.graph_lock = graph_lock or asyncio.Lock()
+        #: run under that lock once a job's end has changed the graph: the daemon closes the nodes
+        #: the job left without a user (a node a pivot replaced, layers a commit dropped)
+        self.after_graph_change = after_graph_change
 
     def emit(self, event: str, data: dict) -> None:
         if self._emit is not None:

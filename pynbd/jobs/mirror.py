@@ -24,7 +24,7 @@ import asyncio
 import errno
 import logging
 
-from pynbd.graph.core import BlockGraph, GraphUser, chain_links
+from pynbd.graph.core import BlockGraph, GraphUser, can_replace, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.graph.reopen import restore
@@ -53,6 +53,7 @@ class MirrorJob(Job):
         on_target_error: str = "report",
         base: BlockNode | None = None,
         discard_committed: bool = False,
+        replaces: BlockNode | None = None,
         **kwargs,
     ) -> None:
         super().__init__(job_id, **kwargs)
@@ -61,6 +62,9 @@ class MirrorJob(Job):
         self.target = target
         self.sync = sync
         self.base = base  # active commit: the target is this base of the source's chain
+        #: blockdev-mirror ``replaces``: the node the pivot replaces by the target (the source or
+        #: a node below it through filters only); None: the source
+        self.replaces = replaces
         self.device = source.node_name
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
@@ -226,11 +230,29 @@ class MirrorJob(Job):
             if self.punch is not None:
                 await self.punch.flush_top()
             if pivot:
+                self._check_replaceable()
                 self.graph.unfreeze_links(self.frozen, self.holder)
                 self.frozen = []
                 self.graph.detach_user(self.user)
-                self.graph.replace_node(self.top, self.target)
+                if self.replaces is None or self.replaces is self.source:
+                    self.graph.replace_node(self.top, self.target)  # the source's users are the filter's
+                else:  # the filters between the source and the node stay, now above the target
+                    self.graph.replace_node(self.replaces, self.target)
                 self.pivoted = True
+
+    def _check_replaceable(self) -> None:
+        """As qemu's mirror_exit_common: the graph may have changed since the job started (a
+        reopen re-pointed a filter), so the node to replace must still be in the graph and still
+        lie below the source through filters only; otherwise the job fails without a pivot."""
+        node = self.replaces
+        if node is None:
+            return
+        if self.graph.nodes.get(node.node_name) is not node or not can_replace(self.source, node):
+            raise BlockError(
+                errno.EPERM,
+                f"Can no longer replace '{node.node_name}' by '{self.target.node_name}', because it can no "
+                "longer be guaranteed that doing so would not lead to an abrupt change of visible data",
+            )
 
     # -- end ------------------------------------------------------------------------------------
 

@@ -52,6 +52,12 @@ class BlockNode(ABC):
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
     #: freeze its links, so the job can always take it out again.
     owner_job: str | None = None
+    #: qemu's ``is_filter``: the node shows exactly the data of one child (:meth:`filter_child`).
+    #: A mirror may replace a node it reaches from its source through filters only, and a node is
+    #: never mirrored into itself through filters. (A raw node is not one, as in qemu.)
+    is_filter: bool = False
+    #: The node can have a ``backing`` child (a qcow2 overlay): blockdev-snapshot needs one.
+    supports_backing: bool = False
 
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name
@@ -89,6 +95,11 @@ class BlockNode(ABC):
     def child_node(self, name: str) -> BlockNode | None:
         link = self.children.get(name)
         return link.node if link is not None else None
+
+    def filter_child(self) -> ChildLink | None:
+        """The child whose data this node shows unchanged, if it is a filter (qemu's
+        bdrv_filter_child)."""
+        return None
 
     def child_role(self, name: str) -> Role:
         """The role of this node's child called ``name``: image storage for ``file``, COW for
@@ -197,9 +208,13 @@ class FilterNode(BlockNode):
     The child is a node of its own, so closing a filter closes nothing below it."""
 
     child_name = "file"
+    is_filter = True
 
     def child_role(self, name: str) -> Role:
         return Role.filtered() if name == self.child_name else Role.DATA
+
+    def filter_child(self) -> ChildLink | None:
+        return self.children.get(self.child_name) if self.is_filter else None
 
     @property
     def filtered(self) -> ChildLink:

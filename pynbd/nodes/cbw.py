@@ -231,6 +231,8 @@ class SnapshotAccessNode(FilterNode):
     """``snapshot-access``: the point-in-time view of a copy-before-write filter, read-only."""
 
     driver = "snapshot-access"
+    #: it shows the point-in-time view, not its child's current data (qemu: not a filter either)
+    is_filter = False
 
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         return Perm(0), ALL

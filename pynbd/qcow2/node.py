@@ -177,6 +177,7 @@ async def read_snapshot_table(file: BlockNode, header: Header) -> list[Snapshot]
 
 class Qcow2Node(BlockNode):
     driver = "qcow2"
+    supports_backing = True
 
     def __init__(
         self,
