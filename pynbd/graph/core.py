@@ -9,6 +9,7 @@ Drivers never edit links; they only say what they take from a child (``BlockNode
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -57,7 +58,7 @@ class GraphUser:
                 return link
         raise GraphError(f"{self.description} does not use node {node.node_name!r}")
 
-    def busy(self):
+    def busy(self) -> contextlib.AbstractAsyncContextManager[None]:
         """A section of work that drains wait for as a whole (pynbd.graph.io.busy_section)."""
         return busy_section(self)
 
@@ -132,9 +133,10 @@ class ChildLink(RequestGate):
         return FrozenLinkError(f"Cannot change frozen {self.ends()}: it is frozen by {holders}")
 
     def describe(self) -> str:
-        if self.is_root:
-            return f"{self.parent.description} (using node {self.node.node_name!r})"
-        return f"node {self.parent.node_name!r} (its {self.name!r} child {self.node.node_name!r})"
+        parent = self.parent
+        if isinstance(parent, GraphUser):
+            return f"{parent.description} (using node {self.node.node_name!r})"
+        return f"node {parent.node_name!r} (its {self.name!r} child {self.node.node_name!r})"
 
     def __repr__(self) -> str:
         return f"ChildLink({self.describe()})"
@@ -142,7 +144,7 @@ class ChildLink(RequestGate):
 
 def parent_nodes(node: BlockNode) -> Iterator[BlockNode]:
     for link in node.parents:
-        if not link.is_root:
+        if isinstance(link.parent, BlockNode):
             yield link.parent
 
 
@@ -200,7 +202,8 @@ def _depth(node: BlockNode) -> int:
             )
             continue
         stack.append((current, True))
-        stack.extend((link.parent, False) for link in parents if not link.is_root and id(link.parent) not in depths)
+        above = (link.parent for link in parents if isinstance(link.parent, BlockNode))
+        stack.extend((parent, False) for parent in above if id(parent) not in depths)
     return depths[id(node)]
 
 
@@ -354,7 +357,7 @@ class BlockGraph:
             raise link.frozen_error()
         if not link.is_root and any(n is link.parent for n in descendants(new_child)):
             raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
-        parent_depth = 0 if link.is_root else _depth(link.parent)
+        parent_depth = _depth(link.parent) if isinstance(link.parent, BlockNode) else 0
         check_depth(parent_depth, new_child, f"re-pointing {link.describe()} to {new_child.node_name!r}")
         with _within(tran) as tran:
             old_child = link.node
@@ -374,10 +377,11 @@ class BlockGraph:
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
         if child is not None:
             check_depth(_depth(parent), child, f"making {child.node_name!r} a child of {parent.node_name!r}")
-        if link is None:
+        if child is None:
+            if link is not None:  # (no link and no child returned above)
+                self._unlink(tran, link)
+        elif link is None:
             self._link(tran, ChildLink(parent, name, child, parent.child_role(name), NONE, ALL))
-        elif child is None:
-            self._unlink(tran, link)
         else:
             self._repoint(tran, link, child)
 
@@ -399,7 +403,7 @@ class BlockGraph:
         if frozen:
             raise frozen[0].frozen_error()
         if moving:
-            deepest = max(0 if link.is_root else _depth(link.parent) for link in moving)
+            deepest = max(_depth(link.parent) if isinstance(link.parent, BlockNode) else 0 for link in moving)
             check_depth(deepest, new, f"putting {new.node_name!r} in place of {old.node_name!r}")
         with _within(tran) as tran:
             for link in moving:
@@ -412,12 +416,16 @@ class BlockGraph:
         """Add ``filt`` (a job's filter) with ``below`` as its ``file`` and ``others`` as further
         children, and move every user of ``below`` to it; all undone if ``tran`` aborts."""
         self.add_node(filt)
-        tran.add(abort=lambda: self.nodes.pop(filt.node_name, None))
+
+        def forget_filter() -> None:
+            self.nodes.pop(filt.node_name, None)
+
+        tran.add(abort=forget_filter)
         link = self.attach_child(filt, "file", below)
         tran.add(abort=lambda: self.detach(link))
         for name, child in others.items():
             extra = self.attach_child(filt, name, child)
-            tran.add(abort=lambda lk=extra: self.detach(lk))
+            tran.add(abort=functools.partial(self.detach, extra))
         self.replace_node(below, filt, keep=[link], tran=tran)
         return link
 
@@ -462,9 +470,10 @@ class BlockGraph:
     @staticmethod
     def check_freezable(link: ChildLink, job_id: str | None = None) -> None:
         """Refuse to freeze a link of another job's filter: that job must be able to remove it."""
-        for node in (link.node, None if link.is_root else link.parent):
+        parent = link.parent if isinstance(link.parent, BlockNode) else None
+        for node in (link.node, parent):
             owner = node.owner_job if node is not None else None
-            if owner is not None and owner != job_id:
+            if node is not None and owner is not None and owner != job_id:
                 raise FrozenLinkError(
                     f"Cannot freeze link {link.describe()}: node '{node.node_name}' is the filter of job '{owner}'"
                 )
@@ -502,22 +511,23 @@ class BlockGraph:
                 raise PermissionConflict(f"Block node '{node.node_name}' is read-only (write wanted by {users})")
             old_node = (node.perm, node.shared)
             node.perm, node.shared = cumulative, shared
-            tran.add(abort=lambda n=node, o=old_node: _set_node(n, *o))
+            tran.add(abort=functools.partial(_set_node, node, *old_node))
             node.set_perm(tran, cumulative, shared)
             for link in node.children.values():
                 old = (link.perm, link.shared)
                 link.perm, link.shared = node.child_perm(link, cumulative, shared)
                 if link.node.force_share:  # qemu's bdrv_child_perm: a force-share child is shared whole
                     link.shared = ALL
-                tran.add(abort=lambda lk=link, o=old: _set(lk, *o))
+                tran.add(abort=functools.partial(_set, link, *old))
 
     # -- primitive edits (undoable) -------------------------------------------------------------
 
     def _link(self, tran: Transaction, link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.append(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.append(link)
         else:
-            link.parent.children[link.name] = link
+            parent.children[link.name] = link
         link.node.parents.append(link)
         tran.add(abort=lambda: self._raw_unlink(link))
 
@@ -540,28 +550,31 @@ class BlockGraph:
 
     @staticmethod
     def _raw_link(link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.append(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.append(link)
         else:
-            link.parent.children[link.name] = link
+            parent.children[link.name] = link
         link.node.parents.append(link)
 
     @staticmethod
     def _raw_unlink(link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.remove(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.remove(link)
         else:
-            del link.parent.children[link.name]
+            del parent.children[link.name]
         link.node.parents.remove(link)
 
     # -- introspection --------------------------------------------------------------------------
 
-    def debug_graph(self, users: Iterable[GraphUser] = ()) -> dict:
+    def debug_graph(self, users: Iterable[GraphUser] = ()) -> dict[str, list[dict[str, object]]]:
         """The shape of qemu's ``x-debug-query-block-graph``."""
         ids: dict[int, int] = {}
-        nodes, edges = [], []
+        nodes: list[dict[str, object]] = []
+        edges: list[dict[str, object]] = []
 
-        def node_id(obj) -> int:
+        def node_id(obj: object) -> int:
             if id(obj) not in ids:
                 ids[id(obj)] = len(ids) + 1
             return ids[id(obj)]
@@ -570,7 +583,8 @@ class BlockGraph:
             nodes.append({"id": node_id(user), "type": user.kind, "name": user.name})
         for node in self.nodes.values():
             nodes.append({"id": node_id(node), "type": "block-driver", "name": node.node_name})
-        for owner in [*users, *self.nodes.values()]:
+        owners: list[GraphUser | BlockNode] = [*users, *self.nodes.values()]
+        for owner in owners:
             links = owner.links if isinstance(owner, GraphUser) else owner.children.values()
             for link in links:
                 edges.append(
@@ -586,7 +600,7 @@ class BlockGraph:
 
 
 @contextlib.contextmanager
-def _within(tran: Transaction | None):
+def _within(tran: Transaction | None) -> Iterator[Transaction]:
     """The caller's transaction, or a new one that commits or aborts with this block."""
     if tran is not None:
         yield tran
@@ -604,7 +618,8 @@ def _set_node(node: BlockNode, perm: Perm, shared: Perm) -> None:
 
 
 def _parent_name(link: ChildLink) -> str:
-    return link.parent.name if link.is_root else link.parent.node_name
+    parent = link.parent
+    return parent.name if isinstance(parent, GraphUser) else parent.node_name
 
 
 def _topological(nodes: list[BlockNode]) -> list[BlockNode]:
