@@ -23,7 +23,13 @@ from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from pynbd.graph.core import ChildLink
+
+    #: where a format driver reads and writes its metadata: its ``file`` link (the bare node only
+    #: while the image is being opened, before the link exists)
+    Storage: TypeAlias = "BlockNode | ChildLink"
     from pynbd.graph.transaction import Transaction
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
@@ -46,9 +52,6 @@ class BlockNode(ABC):
     can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
     cluster_size: int = 0
-    #: Whether :meth:`unallocate` works: the node has layers of its own over a backing chain
-    #: (qcow2) and can drop clusters so that reads fall through to the backing again.
-    can_unallocate: bool = False
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
     #: freeze its links, so the job can always take it out again.
     owner_job: str | None = None
@@ -155,6 +158,12 @@ class BlockNode(ABC):
     @abstractmethod
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation extents covering exactly ``[offset, offset+length)``, merged."""
+
+    @property
+    def can_unallocate(self) -> bool:
+        """Whether :meth:`unallocate` works: the node has layers of its own over a backing chain
+        (qcow2) and can drop clusters so that reads fall through to the backing again."""
+        return False
 
     async def unallocate(self, offset: int, length: int) -> None:
         """Drop the whole clusters inside the range from this layer, so that reads there fall

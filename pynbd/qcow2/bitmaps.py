@@ -11,9 +11,12 @@ import errno
 import struct
 from array import array
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pynbd.bitmap import DirtyBitmap
-from pynbd.nodes.base import BlockNode
+
+if TYPE_CHECKING:
+    from pynbd.nodes.base import Storage
 from pynbd.qcow2.layout import FormatError, table_from_bytes
 
 FLAG_IN_USE = 1 << 0
@@ -135,7 +138,7 @@ def table_entries_needed(disk_size: int, granularity: int, cluster_size: int) ->
     return (data_bytes + cluster_size - 1) // cluster_size
 
 
-def decode_directory(data: bytes, nb_bitmaps: int) -> list[DirEntry]:
+def decode_directory(data: bytes | bytearray, nb_bitmaps: int) -> list[DirEntry]:
     entries: list[DirEntry] = []
     pos = 0
     for _ in range(nb_bitmaps):
@@ -209,7 +212,7 @@ def check_directory(entries: list[DirEntry], disk_size: int, cluster_size: int, 
             )
 
 
-async def read_table(file: BlockNode, entry: DirEntry) -> array:
+async def read_table(file: Storage, entry: DirEntry) -> array:
     buf = bytearray(entry.table_size * 8)
     await file.read_into(entry.table_offset, memoryview(buf))
     table = table_from_bytes(buf)
@@ -224,7 +227,7 @@ def table_clusters(table: array, cluster_size: int) -> list[int]:
     return [(value & BME_TABLE_ENTRY_OFFSET) // cluster_size for value in table if value & BME_TABLE_ENTRY_OFFSET]
 
 
-async def load_data(file: BlockNode, entry: DirEntry, table: array, disk_size: int, cluster_size: int) -> DirtyBitmap:
+async def load_data(file: Storage, entry: DirEntry, table: array, disk_size: int, cluster_size: int) -> DirtyBitmap:
     """The bitmap's bits from its data clusters (all-zero and all-ones entries need no cluster);
     only the clusters that hold bits of the disk are read, however long the table is."""
     nbytes = (DirtyBitmap.cluster_count(disk_size, entry.granularity) + 7) // 8

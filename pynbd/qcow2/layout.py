@@ -221,7 +221,7 @@ class Header:
         return bytes(head)
 
 
-def decode_header(buf: bytes) -> Header:
+def decode_header(buf: bytes | bytearray) -> Header:
     """Parse the first cluster (or as much of it as the file has: the rest reads as zeroes).
     Raises FormatError.
 
