@@ -38,7 +38,7 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pynbd.errors import BlockError
 from pynbd.graph.perms import Perm
@@ -197,6 +197,10 @@ class RequestGate:
     def size(self) -> int:
         return self.node.size
 
+    def describe(self) -> str:
+        """The link in words, for errors (ChildLink says which parent and child)."""
+        raise NotImplementedError
+
     # -- checks ---------------------------------------------------------------------------------
 
     def _check_range(self, node: BlockNode, offset: int, length: int, grows: bool = False) -> None:
@@ -210,7 +214,7 @@ class RequestGate:
 
     def _check_writable(self) -> None:
         if not self.perm & WRITING:
-            raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")  # type: ignore[attr-defined]
+            raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")
 
     def _enter_now(self, node: BlockNode, start: int, end: int) -> int | None:
         """The common case without awaiting: nothing drained, no serialising request on the
@@ -442,7 +446,8 @@ def drain_set(nodes: Iterable[BlockNode]) -> list[BlockNode]:
             continue
         seen[id(node)] = node
         tops.append(node)
-        upward.extend(link.parent for link in node.parents if not link.is_root)  # type: ignore[misc]
+        # a link that is not a root user's has a node as its parent
+        upward.extend(cast("BlockNode", link.parent) for link in node.parents if not link.is_root)
     stack = list(tops)
     while stack:
         node = stack.pop()

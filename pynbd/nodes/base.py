@@ -48,8 +48,6 @@ class BlockNode(ABC):
     #: blockdev's force-share (qemu-img -U): every parent's link shares everything on this node,
     #: so its image is opened even while another process writes it. Only for read-only nodes.
     force_share: bool = False
-    #: Whether :meth:`sendfile_source` can ever return something (lets the server skip asking).
-    can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
     cluster_size: int = 0
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
@@ -158,6 +156,11 @@ class BlockNode(ABC):
     @abstractmethod
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation extents covering exactly ``[offset, offset+length)``, merged."""
+
+    @property
+    def can_sendfile(self) -> bool:
+        """Whether :meth:`sendfile_source` can ever return something (lets the server skip asking)."""
+        return False
 
     @property
     def can_unallocate(self) -> bool:

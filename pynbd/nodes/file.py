@@ -102,7 +102,10 @@ class ImageLocked(BlockError):
 
 class FileNode(BlockNode):
     driver = "file"
-    can_sendfile = True
+
+    @property
+    def can_sendfile(self) -> bool:
+        return True
 
     def __init__(self, filename: str, read_only: bool = False, node_name: str = "", locking: bool = True) -> None:
         super().__init__(node_name)
