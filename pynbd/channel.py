@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from typing import cast
 
 Buffer = bytes | bytearray | memoryview
 READ_CHUNK = 256 * 1024
@@ -63,7 +64,7 @@ class SocketChannel:
         """Wait until a receive may find data (or the EOF); touches no buffer."""
         fut = self.loop.create_future()
         fd = self.sock.fileno()
-        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        self.loop.add_reader(fd, lambda: _wake(fut))
         try:
             await fut
         finally:
@@ -72,7 +73,7 @@ class SocketChannel:
     async def _writable(self) -> None:
         fut = self.loop.create_future()
         fd = self.sock.fileno()
-        self.loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        self.loop.add_writer(fd, lambda: _wake(fut))
         try:
             await fut
         finally:
@@ -172,7 +173,7 @@ class TLSChannel:
     async def recv_into(self, view: memoryview) -> int:
         while True:
             try:
-                return self.tls.read(len(view), view)
+                return _read_into(self.tls, view)
             except ssl.SSLWantReadError:
                 await self._flush()
                 await self._fill()
@@ -185,7 +186,7 @@ class TLSChannel:
         """As :meth:`SocketChannel.recv_into_now`: decrypt what has arrived into ``view``, or ``None``."""
         while True:
             try:
-                return self.tls.read(len(view), view)
+                return _read_into(self.tls, view)
             except ssl.SSLWantReadError:
                 n = self.raw.recv_into_now(memoryview(self._recv_buf))
                 if n is None:
@@ -344,3 +345,15 @@ class BufferedReader:
             step = min(n, len(scratch))
             await self.readinto(scratch[:step])
             n -= step
+
+
+def _wake(future: asyncio.Future) -> None:
+    """Resolve a readiness future once (the loop may report readiness again before it runs)."""
+    if not future.done():
+        future.set_result(None)
+
+
+def _read_into(tls: ssl.SSLObject, view: memoryview) -> int:
+    """SSLObject.read with a buffer returns the byte count (typeshed says bytes: it is the
+    no-buffer form's type)."""
+    return cast(int, tls.read(len(view), view))

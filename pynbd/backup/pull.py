@@ -29,7 +29,7 @@ from pynbd.client.copy import (
     CopyOptions,
     NBDDisk,
     _overlap,
-    open_source,
+    open_nbd_source,
 )
 from pynbd.client.errors import NBDError
 from pynbd.client.pool import connect_pool
@@ -102,20 +102,24 @@ class _BackupCopier(Copier):
             async for run in super()._source_runs(size):
                 yield run
             return
-        pool = self.src.pool  # type: ignore[attr-defined]
+        assert isinstance(self.src, NBDDisk)  # a map context needs an NBD source (open_source)
+        pool = self.src.pool
         contexts = [context] + ([BASE_ALLOCATION] if BASE_ALLOCATION in pool.contexts else [])
         async for step in pool.iter_extents(contexts, 0, size):
             allocation = step.get(BASE_ALLOCATION)
             for marked in step[context]:
                 if not is_dirty(marked.flags):
                     self.stats.skipped_bytes += marked.length
-                    self.progress.advance(marked.length)  # type: ignore[union-attr]
+                    self._advance(marked.length)
                     continue
                 if self.dirty and self.dirty[-1][0] + self.dirty[-1][1] == marked.offset:
                     self.dirty[-1] = (self.dirty[-1][0], self.dirty[-1][1] + marked.length)
                 else:
                     self.dirty.append((marked.offset, marked.length))
-                pieces = _overlap(allocation, marked) if allocation is not None else [Extent(*marked[:2], 0)]
+                if allocation is not None:
+                    pieces = _overlap(allocation, marked)
+                else:
+                    pieces = [Extent(marked.offset, marked.length, 0)]
                 for ext in pieces:
                     yield ext.offset, ext.length, is_zero(ext.flags)
 
@@ -190,7 +194,7 @@ async def _pull(
     source = target = None
     created = False
     try:
-        source = await open_source(uri, copy_options, executor, **connect_args)
+        source = await open_nbd_source(uri, copy_options, **connect_args)
         if bitmap and not await _allocation_readable(source):
             # a copy-before-write view limited to the bitmap refuses block status outside it (as
             # qemu's does, EACCES): ask for the bitmap alone and read every dirty range as data
@@ -213,7 +217,7 @@ async def _pull(
         )  # fmt: skip
         created = True
         target = Qcow2Disk(await open_image(output, "qcow2", read_only=False))
-        copier = _BackupCopier(source, target, copy_options)  # type: ignore[arg-type]
+        copier = _BackupCopier(source, target, copy_options)
         stats = await copier.run()
         closing, target = target, None
         await closing.close()  # writes the metadata back and flushes

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pynbd.bitmap import DirtyBitmap
-from pynbd.daemon.blockdev import close_and_remove, node_filename
+from pynbd.daemon.blockdev import node_filename
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.open import (
     CONVERT_SOURCE_SHARED,
@@ -900,7 +900,8 @@ async def cmd_convert(args: argparse.Namespace) -> int:
                     await runner.run(job, round_up(size))
                 except CopyError as exc:
                     raise copy_failure(exc, offset) from None
-                await close_and_remove(daemon, window)
+                # the window had no user but the job: the job's end closed it, as the daemon closes
+                # every node left unused (pynbd.daemon.blockdev.release_orphans)
                 padding = round_up(size) - size
                 if padding and args.no_create:  # what the source's padding reads as
                     await target.link.write_zeroes(offset + size, padding, may_trim=True)

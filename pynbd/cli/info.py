@@ -182,7 +182,7 @@ async def show_map(client: Client, args: argparse.Namespace) -> None:
         rows = []
         for kind in sorted(totals):
             percent = 100.0 * totals[kind] / client.size if client.size else 0.0
-            row = {"size": totals[kind], "percent": percent, "type": kind}
+            row: dict[str, object] = {"size": totals[kind], "percent": percent, "type": kind}
             description = describe_extent(context, kind)
             if description is not None:
                 row["description"] = description

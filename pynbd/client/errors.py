@@ -23,7 +23,7 @@ class NBDError(OSError):
 
     @property
     def errno_name(self) -> str:
-        return _errno.errorcode.get(self.errno, str(self.errno))
+        return _errno.errorcode.get(self.errno or 0, str(self.errno))
 
 
 class NBDConnectionError(ConnectionError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -71,27 +72,28 @@ def parse_uri(text: str) -> NBDURI:
         raise URIError("TLS-PSK is not supported (Python's ssl module has no PSK support before 3.13)")
     if query.get("tls-type", "x509") not in ("x509", "anon"):
         raise URIError(f"unsupported tls-type {query['tls-type']!r}")
-    common = {
-        "export": export,
-        "tls": tls,
-        "tls_certificates": query.get("tls-certificates") or None,
-        "tls_verify_peer": _bool(query["tls-verify-peer"], "tls-verify-peer") if "tls-verify-peer" in query else True,
-        "tls_hostname": query.get("tls-hostname") or None,
-    }
+    common = functools.partial(
+        NBDURI,
+        export=export,
+        tls=tls,
+        tls_certificates=query.get("tls-certificates") or None,
+        tls_verify_peer=_bool(query["tls-verify-peer"], "tls-verify-peer") if "tls-verify-peer" in query else True,
+        tls_hostname=query.get("tls-hostname") or None,
+    )
     if transport == "unix":
         socket_path = query.get("socket")
         if not socket_path:
             raise URIError(f"{scheme}:// URI needs ?socket=PATH")
         if parts.netloc:
             raise URIError(f"{scheme}:// URI must not name a host")
-        return NBDURI("unix", socket_path=socket_path, **common)
+        return common("unix", socket_path=socket_path)
     if "socket" in query:
         raise URIError(f"{scheme}:// URI cannot take ?socket= (use {scheme.split('+')[0]}+unix://)")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError as exc:
         raise URIError(f"bad port in {text!r}: {exc}") from None
-    return NBDURI("tcp", host=parts.hostname or "localhost", port=port, **common)
+    return common("tcp", host=parts.hostname or "localhost", port=port)
 
 
 def format_uri(uri: NBDURI) -> str:

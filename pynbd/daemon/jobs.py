@@ -7,6 +7,7 @@ from pynbd.bitmap import NodeBitmap
 from pynbd.daemon.blockjobs import job_id_of
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
+from pynbd.graph.core import GraphUser
 from pynbd.graph.transaction import Transaction
 from pynbd.jobs.backup import SYNC_MODES, BackupJob
 from pynbd.jobs.copy import ERROR_POLICIES
@@ -36,7 +37,7 @@ def refuse_job_node(daemon: Daemon, node: BlockNode) -> None:
     """As qemu's op blockers: a node a block job works on (its filter, its target) cannot be the
     source or target of a backup. (Nodes further up or down the chain can.)"""
     for link in node.parents:
-        if link.is_root and link.parent.kind == "block-job":
+        if isinstance(link.parent, GraphUser) and link.parent.kind == "block-job":
             job = daemon.jobs.jobs.get(link.parent.name)
             what = job.job_type if job is not None else link.parent.description
             raise QMPError(f"Node '{node.node_name}' is busy: block device is in use by block job: {what}")

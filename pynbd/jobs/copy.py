@@ -139,6 +139,9 @@ class CopyEngine:
         self.chunk = chunk
         self.workers = workers
         self.yield_to_clients = yield_to_clients
+        #: errors the ``ignore`` policy let pass, in the order they came (a job may still fail
+        #: at its end because of them, as qemu's stream does)
+        self.ignored: list[CopyError] = []
 
     @staticmethod
     def chunks(ranges: Iterable[tuple[int, int]], chunk: int):
@@ -179,12 +182,12 @@ class CopyEngine:
                     await self.copy(offset, length)
                 return
             except CopyError as exc:
-                policy = self.on_source_error if exc.operation == "read" else self.on_target_error
-                if policy == "enospc":
-                    policy = "stop" if exc.errno == errno.ENOSPC else "report"
-                action = "report" if policy == "auto" else policy
+                action = self.on_source_error if exc.operation == "read" else self.on_target_error
+                if action in ("enospc", "auto"):  # as qemu's block_job_error_action: auto is enospc for jobs
+                    action = "stop" if exc.errno == errno.ENOSPC else "report"
                 job._emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": exc.operation, "action": action})
                 if action == "ignore":
+                    self.ignored.append(exc)
                     return
                 if action == "report":
                     raise

@@ -17,9 +17,14 @@ job class; what differs between them is a single choice, made once, at creation:
     reaches READY under a steady writer, as qemu's does. On ``complete`` the last dirty ranges are
     copied with the filter **drained** (no guest write in flight or starting), so no acknowledged
     write is left behind; then, with ``pivot``, every user of the source moves to the target,
-    still drained. Without ``pivot`` (or after a ``cancel`` in READY, as in qemu) the job ends
-    there: the target equals the source *as it was at completion*. Active commit is a converge
-    copy into the source's own base, with the chain between them frozen for the job's lifetime.
+    still drained (or, with ``replaces``, the users of a node below the source through filters
+    only, checked again at the pivot as in qemu). Without ``pivot`` (or after a ``cancel`` in
+    READY, as in qemu) the job ends there: the target equals the source *as it was at
+    completion*. Active commit is a converge copy into the source's own base, with the chain
+    between them frozen for the job's lifetime. With hole punching (``x-discard-committed``,
+    pynbd/jobs/punch.py) each copied chunk is dropped from the layers above the base once the
+    base holds it, and guest writes over ranges no such layer allocates go to the base only
+    (nodes/mirror_top.py).
 
 Everything else is the same code in both modes:
 
@@ -49,12 +54,13 @@ import errno
 import logging
 
 from pynbd.bitmap import DirtyBitmap, NodeBitmap
-from pynbd.graph.core import BlockGraph, GraphUser, chain_links
+from pynbd.graph.core import BlockGraph, GraphUser, can_replace, chain_links
 from pynbd.graph.io import drained
 from pynbd.graph.perms import ALL, Perm
 from pynbd.graph.reopen import restore
 from pynbd.jobs.copy import CopyEngine, CopyError, read_chunk, write_chunk
 from pynbd.jobs.core import Job, JobCancelled
+from pynbd.jobs.punch import HolePunch
 from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.nodes.cbw import CopyBeforeWriteNode
 from pynbd.nodes.mirror_top import MirrorTopNode
@@ -78,7 +84,11 @@ SIZE_MISMATCH = {
 class CopyJob(Job):
     """Copy ``source`` to ``target`` in ``mode`` (see the module docstring).
 
-    ``base`` makes a converge copy an active commit (``target`` is then the source's base).
+    ``base`` makes a converge copy an active commit (``target`` is then the source's base);
+    ``discard_committed`` (active commit only) gives each committed chunk back from the layers
+    above the base (:class:`~pynbd.jobs.punch.HolePunch`). ``replaces`` (converge only): the
+    node the pivot replaces by the target, the source or a node below it through filters only
+    (blockdev-mirror's ``replaces``); None: the source.
     For ``pynbd img`` (converge only): ``zero_detect`` (bytes, 0 = off) writes aligned blocks of
     zeroes found in data as zeroes (qemu-img convert's ``-S``); ``target_is_zero`` says the
     target reads as zeroes, so the first pass skips zero ranges instead of writing them;
@@ -107,6 +117,8 @@ class CopyJob(Job):
         pivot: bool = True,
         write_blocking: bool = False,
         base: BlockNode | None = None,
+        discard_committed: bool = False,
+        replaces: BlockNode | None = None,
         zero_detect: int = 0,
         target_is_zero: bool = False,
         share_target_writes: bool = False,
@@ -115,11 +127,21 @@ class CopyJob(Job):
         super().__init__(job_id, **kwargs)
         if mode not in MODES:
             raise ValueError(f"unknown copy mode {mode!r}")
-        converge_only = (base is not None, write_blocking, zero_detect, target_is_zero, share_target_writes)
+        converge_only = (
+            base is not None,
+            replaces is not None,
+            write_blocking,
+            zero_detect,
+            target_is_zero,
+            share_target_writes,
+        )
         if mode == POINT_IN_TIME and any(converge_only):
             raise ValueError(
-                "base, write-blocking, zero detection, target-is-zero and shared target writes are converge options"
+                "base, replaces, write-blocking, zero detection, target-is-zero and shared target writes "
+                "are converge options"
             )
+        if discard_committed and base is None:
+            raise ValueError("hole punching (discard-committed) is for active commit only")
         if mode == CONVERGE and bitmap is not None and bitmap_mode != "never":
             raise ValueError("a converge copy keeps its bitmap only with bitmap-mode 'never'")
         self.graph = graph
@@ -133,12 +155,18 @@ class CopyJob(Job):
         self.on_target_error = on_target_error
         self.pivot = pivot
         self.base = base
+        self.replaces = replaces
         self.zero_detect = zero_detect
         self.target_is_zero = target_is_zero
         self.share_target_writes = share_target_writes
         self.copy_error: CopyError | None = None
         self.device = source.node_name
         self.user = GraphUser(job_id, "block-job", f"{self.job_type} job {job_id!r}")
+        self.users = [self.user]
+        #: active commit with hole punching: the layers above the base, given back as it goes
+        self.punch = HolePunch(graph, self.user, source, base) if discard_committed and base is not None else None
+        if self.punch is not None:  # a chunk must cover whole clusters of every layer
+            granularity = max(granularity, self.punch.granularity)
         name = filter_node_name or graph.auto_name()
         self.filter: CopyBeforeWriteNode | MirrorTopNode
         if mode == POINT_IN_TIME:
@@ -163,6 +191,9 @@ class CopyJob(Job):
         if self.base is None and self.source.size != self.target.size:
             raise BlockError(errno.EINVAL, SIZE_MISMATCH[self.mode])
         graph = self.graph
+        if self.base is not None:  # active commit: reads the chain, changes none of its links
+            self.frozen = graph.freeze_chain(self.source, self.base, self.holder)
+            tran.add(abort=lambda: graph.unfreeze_links(self.frozen, self.holder))
         if self.mode == POINT_IN_TIME:
             graph.insert_filter(tran, self.filter, self.source, target=self.target)
             self.filter.activate()
@@ -180,9 +211,10 @@ class CopyJob(Job):
         tran.add(abort=lambda: graph.detach_user(self.user))
         if self.mode == CONVERGE:
             self.filter.activate(self.writer)
-        if self.base is not None:
-            self.frozen = graph.freeze_chain(self.source, self.base)
-            tran.add(abort=lambda: graph.unfreeze_links(self.frozen))
+        if self.punch is not None:  # active commit: converge mode, a mirror_top filter
+            assert isinstance(self.filter, MirrorTopNode)
+            self.punch.attach(self.writer)
+            self.filter.skip_depth = len(self.punch.layers)
         if self.bitmap is not None:
             self.bitmap.successor = DirtyBitmap(self.bitmap.bitmap.size, self.bitmap.granularity)
             tran.add(abort=lambda: setattr(self.bitmap, "successor", None))
@@ -279,6 +311,23 @@ class CopyJob(Job):
             except BaseException:
                 top.dirty.set_range(offset, length)
                 raise
+            if self.punch is not None:
+                await self._punch(offset, length)
+
+    async def _punch(self, offset: int, length: int) -> None:
+        """Give a copied chunk back from the layers above the base (the caller holds the copy
+        lock, so no write to the base alone slips in). The top's clusters go under the guests'
+        range lock, and only where no guest wrote since the copy read the chunk: such a write
+        re-marked its part dirty and lives in the top alone until that part is copied again."""
+        top = self.filter
+        assert self.punch is not None and isinstance(top, MirrorTopNode) and top.dirty is not None
+        await self.punch.release_below_top(offset, length)
+        async with top.lock.hold(offset, offset + length):
+            pos = offset
+            for run, dirty in top.dirty.extents(offset, length):
+                if not dirty:
+                    await self.punch.release_top(pos, run)
+                pos += run
 
     async def _copy_dirty(self, engine: CopyEngine, converge: bool = False) -> None:
         """Copy until nothing is dirty. With ``converge``, a pass that does not at least halve what
@@ -326,12 +375,32 @@ class CopyJob(Job):
             for offset, length in self.filter.dirty.dirty_ranges():
                 await self._copy(offset, length)
             await self.writer.flush()
+            if self.punch is not None:
+                await self.punch.flush_top()
             if pivot:
-                self.graph.unfreeze_links(self.frozen)
+                self._check_replaceable()
+                self.graph.unfreeze_links(self.frozen, self.holder)
                 self.frozen = []
                 self.graph.detach_user(self.user)
-                self.graph.replace_node(self.filter, self.target)
+                if self.replaces is None or self.replaces is self.source:
+                    self.graph.replace_node(self.filter, self.target)  # the source's users are the filter's
+                else:  # the filters between the source and the node stay, now above the target
+                    self.graph.replace_node(self.replaces, self.target)
                 self.pivoted = True
+
+    def _check_replaceable(self) -> None:
+        """As qemu's mirror_exit_common: the graph may have changed since the job started (a
+        reopen re-pointed a filter), so the node to replace must still be in the graph and still
+        lie below the source through filters only; otherwise the job fails without a pivot."""
+        node = self.replaces
+        if node is None:
+            return
+        if self.graph.nodes.get(node.node_name) is not node or not can_replace(self.source, node):
+            raise BlockError(
+                errno.EPERM,
+                f"Can no longer replace '{node.node_name}' by '{self.target.node_name}', because it can no "
+                "longer be guaranteed that doing so would not lead to an abrupt change of visible data",
+            )
 
     # -- end ------------------------------------------------------------------------------------
 
@@ -379,6 +448,8 @@ class CopyJob(Job):
             await self.leave_graph(self.graph, [self.filter], self.filter, self.source)
         if self.reopened and not self.pivoted:
             await restore(self.graph, self.reopened, True)
+        if self.punch is not None:  # layers reopened for the job stay nodes of the graph
+            await self.punch.restore()
 
 
 __all__ = ["BITMAP_MODES", "CONVERGE", "MODES", "POINT_IN_TIME", "SYNC_MODES", "CopyJob"]

@@ -8,6 +8,10 @@ jobs/copyjob.py for how it converges under a steady writer and why the pivot is 
 commit is the same with the target being the source's own base, and the chain between them
 frozen for the job's lifetime; the base is reopened read-write by the caller before the job
 starts (:attr:`CopyJob.reopened`), and read-only again at the end unless the job pivoted to it.
+With hole punching (``x-discard-committed``, pynbd/jobs/punch.py) each copied chunk is dropped
+from the layers above the base once the base holds it (the caller reopens those layers too,
+:attr:`CopyJob.punch`). ``replaces`` (blockdev-mirror) makes the pivot replace a node below the
+source through filters only instead of the source.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class MirrorJob(CopyJob):
         on_source_error: str = "report",
         on_target_error: str = "report",
         base: BlockNode | None = None,
+        discard_committed: bool = False,
+        replaces: BlockNode | None = None,
         write_blocking: bool = False,
         **kwargs,
     ) -> None:
@@ -49,6 +55,8 @@ class MirrorJob(CopyJob):
             on_source_error=on_source_error,
             on_target_error=on_target_error,
             base=base,
+            discard_committed=discard_committed,
+            replaces=replaces,
             write_blocking=write_blocking,
             **kwargs,
         )

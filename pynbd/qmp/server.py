@@ -65,6 +65,7 @@ class QMPServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # asyncio runs each client callback in a task
         self._clients.add(task)
         self._count += 1
         session = QMPSession(self.daemon, writer, Monitor(f"QMP client {self._count}"))
