@@ -189,8 +189,9 @@ def request_bytes(rng: random.Random) -> bytes:
         header = wire.encode_request(flags, cmd, rng.randrange(1 << 64), offset, length)
         if rng.random() < 0.3:
             header = mutate(rng, header)[: wire.REQUEST.size].ljust(wire.REQUEST.size, b"\0")
-            if struct.unpack_from(">H", header, 6)[0] == Cmd.WRITE:  # never aim a mutated write at the witness
-                header = header[:16] + struct.pack(">QI", 0, 4096)
+            if struct.unpack_from(">H", header, 6)[0] in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):
+                # a mutation may have made a write of any kind: never aim it at the witness
+                header = header[:16] + struct.pack(">QI", 0, 4096 if cmd == Cmd.WRITE else 65536)
         parts.append(header)
         if cmd == Cmd.WRITE:
             parts.append(rng.randbytes(min(length, rng.choice((length, 0, 100, 4096)), 65536)))
