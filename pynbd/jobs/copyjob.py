@@ -302,7 +302,12 @@ class CopyJob(Job):
             async with top.lock.hold(offset, offset + length):
                 top.dirty.reset_range(offset, length)
                 try:
-                    staged = await read_chunk(self.reader, offset, length, zero_detect=self.zero_detect)
+                    # read below the filter, through its own link to the source: a serialising
+                    # write registered on the filter (a backup's copy-before-write into this
+                    # source, slow-target overlay) waits for the range lock held here, and a read
+                    # through the filter would wait for it: a deadlock. Under the range lock this
+                    # reads exactly what the filter would pass through.
+                    staged = await read_chunk(top.source, offset, length, zero_detect=self.zero_detect)
                 except BaseException:
                     top.dirty.set_range(offset, length)
                     raise
