@@ -56,6 +56,8 @@ class BufferPool:
         if free:
             self.cached -= capacity
             buf = free.pop()
+            if not free:
+                del self._free[capacity]  # only classes with free buffers are listed
         else:
             buf = _allocate(capacity)
         return memoryview(buf)[:size]

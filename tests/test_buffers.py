@@ -55,8 +55,19 @@ def test_pool_keeps_at_most_its_cache_limit_and_forgets_the_stalest_class_first(
     assert pool.get(512 * KiB).obj is newer.obj  # the most recent class stayed
     pool.put(pool.get(4 * MiB))  # larger than the whole cache: not kept
     assert pool.cached <= 2 * MiB
+    assert pool.cached <= 2 * MiB
     pool.clear()
     assert pool.cached == 0
+
+def test_an_emptied_class_is_not_picked_to_make_room():
+    pool = BufferPool(cache_limit=2 * MiB)
+    views = [pool.get(MiB) for _ in range(2)]
+    for view in views:
+        pool.put(view)
+    views = [pool.get(MiB) for _ in range(2)]  # the 1 MiB class (the stalest) is empty now
+    pool.put(pool.get(512 * KiB))
+    pool.put(pool.get(2 * MiB))  # room is made by dropping the 512 KiB buffer, the only one there
+    assert pool.cached == 2 * MiB
 
 
 def test_budget_serves_waiters_in_order_and_lets_an_oversized_request_through_alone():
