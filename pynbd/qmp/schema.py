@@ -91,10 +91,13 @@ def _check_integer(kind: str, value: int | float, path: str) -> int:
         if isinstance(value, int) and value in _INT64:
             return value
         raise QMPError(f"Invalid parameter type for '{path}', expected: integer")
-    if not isinstance(value, int) or value not in _UINT64:
+    if not isinstance(value, int):
         raise QMPError(f"Parameter '{path}' expects uint64")
-    if kind == "uint32" and value not in _UINT32:
-        raise QMPError(f"Parameter '{path}' expects uint32_t")
+    if kind == "uint32":
+        if value not in _UINT32:  # qemu: a negative one wraps to 2^64 minus it, also too large
+            raise QMPError(f"Parameter '{path}' expects uint32_t")
+    elif value not in _UINT64:
+        raise QMPError(f"Parameter '{path}' expects uint64")
     return value
 
 
