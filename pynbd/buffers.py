@@ -1,28 +1,140 @@
-"""Reusable payload buffers.
+"""Payload buffers and the budgets that bound them.
 
-Clients send requests of a few uniform sizes; handing the same bytearrays back out avoids a fresh
-allocation, and the page faults of first touch, for every multi-MiB payload.
+Clients send requests of a few uniform sizes; handing the same buffers back out avoids a fresh
+allocation, and the page faults of first touch, for every multi-MiB payload. The server keeps
+one :class:`BufferPool` for all its connections and bounds two things separately:
+
+- the bytes of buffers in use (payloads received and not yet written, read data not yet sent):
+  a :class:`ByteBudget` that a connection waits on (backpressure) before it takes a buffer;
+- the bytes of free buffers kept for reuse: the pool's ``cache_limit``; the pool is emptied when
+  the last client leaves, so memory goes back to the system once the server is idle.
+
+Buffers come in size classes (four per power of two, so at most a quarter is wasted) rather than
+exact sizes, so a client that varies its request sizes still reuses buffers. Classes from 64 KiB
+up are anonymous private mmaps: freeing one unmaps it at once. A ``bytearray`` would come from
+malloc, whose dynamic mmap threshold rises with the first large free, after which multi-MiB
+buffers are carved from the heap and stay in the process's RSS when freed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import mmap
+from collections import OrderedDict, deque
+
+SMALLEST_CLASS = 512
+MMAP_CLASS = 64 * 1024  # classes from this size up are mmapped
+
+
+def size_class(size: int) -> int:
+    """The buffer size that serves ``size`` bytes: 512, or a power of two plus a multiple of a
+    quarter of it (4096, 5120, 6144, 7168, 8192, ...); powers of two are their own class."""
+    if size <= SMALLEST_CLASS:
+        return SMALLEST_CLASS
+    step = 1 << max((size - 1).bit_length() - 3, 0)  # a quarter of the power of two below size
+    return -(-size // step) * step
+
+
+def _allocate(capacity: int) -> bytearray | mmap.mmap:
+    if capacity >= MMAP_CLASS:
+        return mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return bytearray(capacity)
+
 
 class BufferPool:
-    def __init__(self, max_cached: int = 64 * 1024 * 1024) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._cached = 0
-        self.max_cached = max_cached
+    """Reusable buffers in size classes; at most ``cache_limit`` bytes of free ones are kept."""
 
-    def get(self, size: int) -> bytearray:
-        """A buffer of exactly ``size`` bytes; its contents are whatever was there before."""
-        free = self._free.get(size)
+    def __init__(self, cache_limit: int = 32 * 1024 * 1024) -> None:
+        self.cache_limit = cache_limit
+        self._free: OrderedDict[int, list[bytearray | mmap.mmap]] = OrderedDict()  # least recently returned first
+        self.cached = 0
+
+    def get(self, size: int) -> memoryview:
+        """A writable view of exactly ``size`` bytes; its contents are whatever was there before."""
+        capacity = size_class(size)
+        free = self._free.get(capacity)
         if free:
-            self._cached -= size
-            return free.pop()
-        return bytearray(size)
+            self.cached -= capacity
+            buf = free.pop()
+            if not free:
+                del self._free[capacity]  # only classes with free buffers are listed
+        else:
+            buf = _allocate(capacity)
+        return memoryview(buf)[:size]
 
-    def put(self, buf: bytearray) -> None:
-        size = len(buf)
-        if size and self._cached + size <= self.max_cached:
-            self._free.setdefault(size, []).append(buf)
-            self._cached += size
+    def put(self, view: memoryview) -> None:
+        """Take back a view that :meth:`get` gave out (its caller is done with the bytes)."""
+        buf = view.obj
+        capacity = len(buf)  # type: ignore[arg-type]  # get() only gives out views of our buffers
+        if capacity > self.cache_limit:
+            return
+        while self.cached + capacity > self.cache_limit:  # make room: forget the stalest class first
+            stale_capacity, stale = next(iter(self._free.items()))
+            stale.pop()
+            self.cached -= stale_capacity
+            if not stale:
+                del self._free[stale_capacity]
+        self._free.setdefault(capacity, []).append(buf)  # type: ignore[arg-type]
+        self._free.move_to_end(capacity)
+        self.cached += capacity
+
+    def clear(self) -> None:
+        """Forget every free buffer (their memory goes back to the system)."""
+        self._free.clear()
+        self.cached = 0
+
+
+class ByteBudget:
+    """A count of bytes that callers take before they hold memory and give back after.
+
+    :meth:`take` waits while the bytes in use plus the request would pass ``limit``; waiters are
+    served in order, so a large request is not starved by a stream of small ones. A request
+    larger than the whole limit is let through when nothing else is in use, so any single
+    request can make progress whatever the limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    def _fits(self, size: int) -> bool:
+        return self.used + size <= self.limit or self.used == 0
+
+    def try_take(self, size: int) -> bool:
+        """Take ``size`` bytes if that needs no wait (the hot path: no task switch, no future)."""
+        if self._waiters or not self._fits(size):
+            return False
+        self.used += size
+        self.peak = max(self.peak, self.used)
+        return True
+
+    async def take(self, size: int) -> None:
+        if self.try_take(size):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((size, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(size)  # granted just as we were cancelled: hand it on
+            else:
+                self._waiters.remove((size, waiter))
+                self._grant()  # we may have been the one holding up those behind us
+            raise
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if not self._fits(size):
+                return
+            self._waiters.popleft()
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            waiter.set_result(None)

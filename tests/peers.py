@@ -99,8 +99,9 @@ def start_activated(argv: list[str], tmp: Path, tcp: bool = False, export: str =
     return Server(argv, proc, path, port, export, log_path)
 
 
-def pynbd_server(tmp: Path, *args: str, tcp: bool = False, export: str = "") -> Server:
-    argv = [PYNBD, "serve", *args]
+def pynbd_server(tmp: Path, *args: str, tcp: bool = False, export: str = "", verbose: bool = False) -> Server:
+    """``pynbd serve ARGS``; ``verbose`` logs at info level too (pynbd -v: clients coming and going)."""
+    argv = [PYNBD, *(["-v"] if verbose else []), "serve", *args]
     if export:
         argv += ["--export-name", export]
     return start_activated(argv, tmp, tcp, export)
@@ -238,3 +239,19 @@ def nbdinfo_map(uri: str, *extra: str, context: str | None = None) -> list[AbsEx
 def read_all(h, chunk: int = 4 << 20) -> bytes:
     size = h.get_size()
     return b"".join(h.pread(min(chunk, size - off), off) for off in range(0, size, chunk))
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes: its resident memory now and at its peak."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))

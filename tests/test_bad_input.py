@@ -61,6 +61,15 @@ class RawClient:
         self.structured = False
         self.started = False
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, timeout: float = 30) -> RawClient:
+        """A client on a socket the caller connected (e.g. one of many connected at once)."""
+        client = cls.__new__(cls)
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        client.sock, client.structured, client.started = sock, False, False
+        return client
+
     def close(self) -> None:
         self.sock.close()
 

@@ -30,6 +30,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for option, meta in (("blockdev", "DEF"), ("nbd-server", "DEF"), ("export", "DEF"), ("object", "DEF")):
         p.add_argument(f"--{option}", dest=option, action=OrderedOption, metavar=meta, default=None)
     p.add_argument("--pid-file", metavar="PATH", help="write the process id here once ready")
+    p.add_argument(
+        "--qmp-max-message",
+        type=positive_size,
+        default=None,
+        metavar="SIZE",
+        help="longest JSON value a QMP client may send, in characters (default 16M)",
+    )
+    p.add_argument(
+        "--qmp-event-buffer",
+        type=positive_size,
+        default=None,
+        metavar="SIZE",
+        help="unsent output a QMP client may have queued before new events for it are dropped (default 1M)",
+    )
+
+
+def positive_size(text: str) -> int:
+    from pynbd.sizes import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,10 +82,9 @@ async def apply_option(daemon, kind: str, text: str) -> None:
     if kind == "blockdev":
         await blockdev_add_options(daemon, options, keyval=is_keyval)
     elif kind == "nbd-server":
-        from pynbd.daemon.exports import ADDRESS
+        from pynbd.daemon.exports import NBD_SERVER_SPEC
 
-        spec = {"addr": ADDRESS, "*tls-creds": "str", "*tls-authz": "str", "*max-connections": "uint"}
-        await start_nbd_server(daemon, check(spec, options, keyval=is_keyval))
+        await start_nbd_server(daemon, check(NBD_SERVER_SPEC, options, keyval=is_keyval))
     elif kind == "export":
         await add_export(daemon, check(EXPORT_SPEC, options, keyval=is_keyval))
     elif kind == "object":
@@ -78,7 +103,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     load_commands()
     daemon = Daemon()
-    qmp = QMPServer(daemon)
+    limits = {"max_message": args.qmp_max_message, "event_buffer": args.qmp_event_buffer}
+    qmp = QMPServer(daemon, **{name: value for name, value in limits.items() if value is not None})
     try:
         for kind, text in args.ordered:
             try:

@@ -20,7 +20,14 @@ from pynbd.nodes.memory import MemoryNode
 from pynbd.protocol.constants import DEFAULT_PORT
 from pynbd.protocol.negotiation import TLSMode
 from pynbd.qmp.protocol import QMPError
-from pynbd.server.nbd import NBDServer, ServerConfig
+from pynbd.server.nbd import (
+    BUFFER_LIMIT,
+    DEFAULT_MAX_CONNECTIONS,
+    HANDSHAKE_LIMIT,
+    MAX_CONNECTION_BYTES,
+    NBDServer,
+    ServerConfig,
+)
 from pynbd.sizes import parse_size
 from pynbd.tls import TLSConfigError, server_context
 
@@ -60,7 +67,36 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-x", "--export-name", default="", metavar="NAME", help="export name (default: empty)")
     p.add_argument("-D", "--description", default="", metavar="TEXT", help="export description")
     p.add_argument(
-        "-e", "--shared", type=int, default=0, metavar="N", help="serve at most N clients at once (0: unlimited)"
+        "-e",
+        "--shared",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"serve at most N clients at once; later ones wait, connected but not greeted, "
+        f"until one leaves (default {DEFAULT_MAX_CONNECTIONS}; 0: no limit)",
+    )
+    p.add_argument(
+        "--handshake-limit",
+        type=float,
+        default=HANDSHAKE_LIMIT,
+        metavar="SECONDS",
+        help=f"disconnect a client that has not finished negotiation after SECONDS "
+        f"(default {HANDSHAKE_LIMIT:g}; 0: no limit; as qemu-nbd 10.0)",
+    )
+    p.add_argument(
+        "--max-in-flight-bytes",
+        type=parse_size,
+        default=MAX_CONNECTION_BYTES,
+        metavar="SIZE",
+        help="READ/WRITE payload one client may have in flight; beyond it the server reads no more "
+        "of its requests until replies have gone out (default 64M)",
+    )
+    p.add_argument(
+        "--buffer-limit",
+        type=parse_size,
+        default=BUFFER_LIMIT,
+        metavar="SIZE",
+        help="payload buffers in use at once, all clients together; beyond it clients wait (default 128M)",
     )
     p.add_argument("--once", action="store_true", help="exit after the first client disconnects")
     p.add_argument("--tls", choices=[m.value for m in TLSMode], default=None, help="TLS mode (default: off)")
@@ -135,6 +171,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def server_config(args: argparse.Namespace, tls_mode: TLSMode, tls_context) -> ServerConfig:
+    if args.shared < 0:
+        raise ValueError(f"--shared {args.shared}: give 0 (no limit) or a number of clients")
+    if not 0 <= args.handshake_limit < 1e9:
+        raise ValueError(f"--handshake-limit {args.handshake_limit:g}: give 0 (no limit) or seconds")
+    if args.max_in_flight_bytes < 1 or args.buffer_limit < 1:
+        raise ValueError("--max-in-flight-bytes and --buffer-limit must be at least 1 byte")
+    return ServerConfig(
+        tls_mode=tls_mode,
+        tls_context=tls_context,
+        max_connections=args.shared,
+        handshake_limit=args.handshake_limit,
+        max_connection_bytes=args.max_in_flight_bytes,
+        buffer_limit=args.buffer_limit,
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
     tls_mode = TLSMode(args.tls) if args.tls else (TLSMode.REQUIRED if args.tls_creds else TLSMode.OFF)
     tls_context = None
@@ -145,10 +198,7 @@ async def serve(args: argparse.Namespace) -> int:
     daemon = Daemon()
     try:
         node = await open_disk(daemon, args)
-        server = NBDServer(
-            daemon.registry,
-            ServerConfig(tls_mode=tls_mode, tls_context=tls_context, max_connections=args.shared),
-        )
+        server = NBDServer(daemon.registry, server_config(args, tls_mode, tls_context))
         daemon.nbd_server = server
         export = (await add_export(daemon, export_options(args))).export
         activated = activation_socket()

@@ -26,6 +26,17 @@ from pynbd.server.export import Export
 from pynbd.server.nbd import NBDServer, ServerConfig
 
 ADDRESS: Spec = {**SOCKET_ADDRESS, "*data": "any"}  # also SocketAddressLegacy (QMP's {type, data})
+#: nbd-server-start and --nbd-server: qemu 7.2's arguments, handshake-max-seconds as qemu 10.0
+#: has it, and pynbd's memory limits (docs/qmp.md)
+NBD_SERVER_SPEC: Spec = {
+    "addr": ADDRESS,
+    "*tls-creds": "str",
+    "*tls-authz": "str",
+    "*max-connections": "uint32",
+    "*handshake-max-seconds": "uint32",
+    "*x-max-in-flight-bytes": "uint",
+    "*x-buffer-limit": "uint",
+}
 BITMAP_REF = str_or_object({"node": "str", "name": "str"})
 
 
@@ -48,7 +59,7 @@ def flatten_address(addr: dict) -> dict:
     return addr
 
 
-@command("nbd-server-start", {"addr": ADDRESS, "*tls-creds": "str", "*tls-authz": "str", "*max-connections": "uint"})
+@command("nbd-server-start", NBD_SERVER_SPEC)
 async def nbd_server_start(daemon: Daemon, args: dict) -> None:
     await start_nbd_server(daemon, args)
 
@@ -60,10 +71,17 @@ async def start_nbd_server(daemon: Daemon, args: dict) -> None:
     tls_context = None
     if "tls-creds" in args:
         tls_context = tls_server_context(daemon, args["tls-creds"])
+    for name in ("x-max-in-flight-bytes", "x-buffer-limit"):
+        if args.get(name) == 0:
+            raise QMPError(f"Parameter '{name}' must be at least 1")
+    defaults = ServerConfig()
     config = ServerConfig(
         tls_mode=TLSMode.REQUIRED if tls_context else TLSMode.OFF,
         tls_context=tls_context,
-        max_connections=args.get("max-connections", 0),
+        max_connections=args.get("max-connections", defaults.max_connections),
+        handshake_limit=args.get("handshake-max-seconds", defaults.handshake_limit),
+        max_connection_bytes=args.get("x-max-in-flight-bytes", defaults.max_connection_bytes),
+        buffer_limit=args.get("x-buffer-limit", defaults.buffer_limit),
     )
     server = NBDServer(daemon.registry, config)
     try:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-MAX_MESSAGE = 16 * 1024 * 1024
+MAX_MESSAGE = 16 * 1024 * 1024  # characters in one JSON value (qemu's token limit is 64 MiB)
+_INT_RANGE = range(-(1 << 63), 1 << 64)  # what qemu's parser keeps as an integer (int64 or uint64)
+_INT_DIGITS = 21  # longer integer text is surely outside _INT_RANGE
 
 
 @dataclass
@@ -42,7 +45,8 @@ class MessageDecoder:
     _STRUCTURE = re.compile(r'["\[\]{}]')
     _SCALAR_END = re.compile(r'[\s"\[\]{},:]')
 
-    def __init__(self) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._parts: list[str] = []  # the value scanned so far
         self._size = 0
@@ -76,7 +80,7 @@ class MessageDecoder:
             if end is None:
                 self._parts.append(text)
                 self._size += len(text)
-                if self._size > MAX_MESSAGE:
+                if self._size > self.max_message:
                     self._reset()
                     self._skipping = True
                     out.append(QMPError("JSON message too large"))
@@ -128,17 +132,47 @@ class MessageDecoder:
                     return pos
 
 
+class _NumberError(ValueError):
+    pass
+
+
+def _integer(text: str) -> int | float:
+    """A JSON integer as qemu's parser reads it: outside int64/uint64 it becomes a float (so a
+    parameter refuses it with qemu's message); one that is not even a finite float is an error.
+    Long text never reaches ``int()``, which refuses more than 4300 digits with a ValueError."""
+    if len(text) <= _INT_DIGITS:
+        value = int(text)
+        if value in _INT_RANGE:
+            return value
+    return _finite(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NumberError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NumberError(f"{name} is not JSON")
+
+
 def _parse(text: str) -> Any:
+    """One JSON value, or a QMPError saying what is wrong with it. NaN and Infinity are refused
+    (they are not JSON: echoing them back as an id would make the reply invalid JSON)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_integer, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         return QMPError("JSON parse error, nesting too deep")
     except json.JSONDecodeError as exc:
         return QMPError(f"JSON parse error, {exc.msg}")
+    except _NumberError as exc:
+        return QMPError(f"JSON parse error, {exc}")
 
 
 def encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(", ", ": ")).encode() + b"\r\n"
+    return json.dumps(message, separators=(", ", ": "), allow_nan=False).encode() + b"\r\n"
 
 
 def greeting(version: tuple[int, int, int], package: str) -> dict:

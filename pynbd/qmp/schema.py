@@ -1,8 +1,10 @@
 """Argument checking for QMP commands, in the spirit of QAPI schemas.
 
 A spec maps argument names to types; a leading ``*`` marks an optional argument, as in QAPI's
-JSON. Types: ``str``, ``int``, ``uint``, ``bool``, ``number``, ``any``, a ``[T]`` list, a nested
-spec dict, or a tuple of allowed strings (an enum). Errors read like qemu's, so users of
+JSON. Types: ``str``, ``int`` (int64), ``uint`` (uint64), ``uint32``, ``bool``, ``number``, ``any``,
+a ``[T]`` list, a nested spec dict, or a tuple of allowed strings (an enum). Integers are checked
+against their type's range, as QAPI's visitors check them (a JSON integer past the 64-bit ranges
+arrives as a float, as in qemu: pynbd.qmp.protocol). Errors read like qemu's, so users of
 qemu-storage-daemon recognise them. With ``keyval=True`` (command-line ``key=value`` options)
 scalar strings are converted to the type the spec asks for, as qemu's keyval visitor does.
 """
@@ -14,7 +16,17 @@ from typing import Any
 from pynbd.qmp.protocol import QMPError
 
 Spec = dict[str, Any]
-_TYPE_NAMES = {"str": "string", "int": "integer", "uint": "integer", "bool": "boolean", "number": "number"}
+_TYPE_NAMES = {
+    "str": "string",
+    "int": "integer",
+    "uint": "integer",
+    "uint32": "integer",
+    "bool": "boolean",
+    "number": "number",
+}
+_INT64 = range(-(1 << 63), 1 << 63)
+_UINT64 = range(1 << 64)
+_UINT32 = range(1 << 32)
 
 
 def check(spec: Spec, args: Any, path: str = "", keyval: bool = False, extra_ok: bool = False) -> dict:
@@ -63,10 +75,8 @@ def check_value(kind: Any, value: Any, path: str, keyval: bool = False) -> Any:
     expected = _TYPE_NAMES.get(kind, kind)
     if kind == "str" and isinstance(value, str):
         return value
-    if kind in ("int", "uint") and isinstance(value, int) and not isinstance(value, bool):
-        if kind == "uint" and value < 0:
-            raise QMPError(f"Parameter '{path}' expects uint64")
-        return value
+    if kind in ("int", "uint", "uint32") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _check_integer(kind, value, path)
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -74,8 +84,25 @@ def check_value(kind: Any, value: Any, path: str, keyval: bool = False) -> Any:
     raise QMPError(f"Invalid parameter type for '{path}', expected: {expected}")
 
 
+def _check_integer(kind: str, value: int | float, path: str) -> int:
+    """A number for an integer parameter, in its type's range; the messages are qemu 7.2's
+    (qemu also takes a negative number for an unsigned one, as 2^64 minus it: pynbd refuses it)."""
+    if kind == "int":
+        if isinstance(value, int) and value in _INT64:
+            return value
+        raise QMPError(f"Invalid parameter type for '{path}', expected: integer")
+    if not isinstance(value, int):
+        raise QMPError(f"Parameter '{path}' expects uint64")
+    if kind == "uint32":
+        if value not in _UINT32:  # qemu: a negative one wraps to 2^64 minus it, also too large
+            raise QMPError(f"Parameter '{path}' expects uint32_t")
+    elif value not in _UINT64:
+        raise QMPError(f"Parameter '{path}' expects uint64")
+    return value
+
+
 def _from_keyval(kind: str, text: str, path: str) -> Any:
-    if kind in ("int", "uint"):
+    if kind in ("int", "uint", "uint32"):
         try:
             return int(text, 0)
         except ValueError:

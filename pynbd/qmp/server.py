@@ -5,6 +5,12 @@ commands run one at a time, in order, as in qemu's monitor, and the daemon runs 
 time across all clients (:meth:`pynbd.daemon.core.Daemon.execute`); events go to every client that
 has finished capabilities negotiation. A client sending garbage gets an error reply and stays
 connected; one that vanishes only loses its own connection, and the holds it took.
+
+Limits (docs/qmp.md, "The protocol"): one JSON value may be at most ``max_message`` characters
+(beyond, an error reply and the rest of that line is skipped); a monitor that does not read keeps
+at most ``event_buffer`` bytes of unsent output queued, and events that arrive while it is over
+that are dropped (the oldest stay, in order); a monitor that does not read its replies stalls
+only its own commands.
 """
 
 from __future__ import annotations
@@ -16,15 +22,19 @@ import socket
 from typing import Any
 
 from pynbd.daemon.core import Monitor
-from pynbd.qmp.protocol import MessageDecoder, QMPError, encode, error_response, greeting, response
+from pynbd.qmp.protocol import MAX_MESSAGE, MessageDecoder, QMPError, encode, error_response, greeting, response
 from pynbd.qmp.protocol import event as make_event
 
 log = logging.getLogger("pynbd.qmp")
 
+EVENT_BUFFER = 1024 * 1024  # unsent output a monitor may have queued before its events are dropped
+
 
 class QMPServer:
-    def __init__(self, daemon) -> None:
+    def __init__(self, daemon, max_message: int = MAX_MESSAGE, event_buffer: int = EVENT_BUFFER) -> None:
         self.daemon = daemon
+        self.max_message = max_message
+        self.event_buffer = event_buffer
         self._servers: list[asyncio.AbstractServer] = []
         self._clients: set[asyncio.Task] = set()
         self._paths: list[str] = []
@@ -68,40 +78,64 @@ class QMPServer:
         assert task is not None  # asyncio runs each client callback in a task
         self._clients.add(task)
         self._count += 1
-        session = QMPSession(self.daemon, writer, Monitor(f"QMP client {self._count}"))
+        session = QMPSession(self.daemon, writer, Monitor(f"QMP client {self._count}"), self.event_buffer)
         try:
-            await session.run(reader)
+            await session.run(reader, MessageDecoder(self.max_message))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug: it costs this client its connection, logged once, not the daemon
+            log.exception("%s: connection failed", session.monitor.name)
         finally:
             session.close()
             self._clients.discard(task)
 
 
 class QMPSession:
-    def __init__(self, daemon, writer: asyncio.StreamWriter, monitor: Monitor) -> None:
+    def __init__(
+        self, daemon, writer: asyncio.StreamWriter, monitor: Monitor, event_buffer: int = EVENT_BUFFER
+    ) -> None:
         self.daemon = daemon
         self.writer = writer
         self.monitor = monitor
+        self.event_buffer = event_buffer
         self.negotiated = False
+        self.dropped_events = 0  # since the monitor last had room
         self._unsubscribe = None
 
     def send(self, message: dict) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(encode(message))
+        if self.writer.is_closing():
+            return
+        try:
+            data = encode(message)
+        except ValueError:  # a value JSON cannot carry (NaN): a bug, but not one to kill the monitor
+            log.exception("QMP reply cannot be encoded: %r", message)
+            data = encode(error_response(QMPError("internal error: reply is not valid JSON"), message.get("id")))
+        self.writer.write(data)
 
     def _on_event(self, name: str, data: dict) -> None:
-        if self.negotiated:
-            self.send(make_event(name, data))
+        if not self.negotiated or self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() >= self.event_buffer:
+            self.dropped_events += 1
+            if self.dropped_events == 1:
+                log.warning(
+                    "%s does not read its output (%d bytes queued): dropping events until it does",
+                    self.monitor.name,
+                    self.writer.transport.get_write_buffer_size(),
+                )
+            return
+        if self.dropped_events:
+            log.info("%s reads again; %d events were dropped", self.monitor.name, self.dropped_events)
+            self.dropped_events = 0
+        self.send(make_event(name, data))
 
-    async def run(self, reader: asyncio.StreamReader) -> None:
+    async def run(self, reader: asyncio.StreamReader, decoder: MessageDecoder) -> None:
         from pynbd.daemon.core import PACKAGE, VERSION
 
         self.send(greeting(VERSION, PACKAGE))
         self._unsubscribe = self.daemon.subscribe(self._on_event)
-        decoder = MessageDecoder()
         while True:
             data = await reader.read(65536)
             if not data:

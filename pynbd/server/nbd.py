@@ -2,6 +2,12 @@
 
 One task per connection reads requests in order; each request then runs as its own task, so
 replies go out as soon as they are ready (out of order), serialised by a per-connection lock.
+
+Memory is bounded against hostile and careless clients alike (docs/protocol.md, "Limits"): a
+connection may have at most ``max_connection_bytes`` of READ/WRITE payload in flight, after which
+its reader stops reading (backpressure, never an error); every payload buffer comes from one pool
+whose bytes in use are capped for the whole server; and the read data a connection holds unsent
+is capped by a small window, so a client that does not read its replies stalls only itself.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import ssl
 from dataclasses import dataclass
 from typing import cast
 
-from pynbd.buffers import BufferPool
+from pynbd.buffers import BufferPool, ByteBudget, size_class
 from pynbd.channel import BufferedReader, Channel, ConnectionClosed, SocketChannel, TLSChannel
 from pynbd.nodes.base import BlockError, NotFast
 from pynbd.priority import foreground
@@ -47,16 +53,27 @@ from pynbd.server.export import Export, ExportRegistry
 
 log = logging.getLogger("pynbd.server")
 
-MAX_IN_FLIGHT = 64  # requests of one connection being served at once (bounds memory)
+MiB = 1024 * 1024
+MAX_IN_FLIGHT = 64  # requests of one connection being served at once (bounds tasks)
 MAX_EXTENTS = 128 * 1024  # descriptors per block-status chunk, as qemu caps it
 SMALL_READ = 64 * 1024  # reads up to this size are answered from a buffer, in one data chunk
-HANDSHAKE_TIMEOUT = 60.0
+
+# Limits (documented in docs/protocol.md, "Limits"; `pynbd serve` options and nbd-server-start
+# arguments set them).
+DEFAULT_MAX_CONNECTIONS = 100  # qemu's nbd-server-start default since the CVE-2024-7409 fix
+HANDSHAKE_LIMIT = 10.0  # seconds to finish negotiation, as qemu-nbd and qemu-storage-daemon
+MAX_CONNECTION_BYTES = 64 * MiB  # READ/WRITE payload bytes one connection may have in flight
+BUFFER_LIMIT = 128 * MiB  # payload buffers in use at once, all connections together
+BUFFER_CACHE = 32 * MiB  # free buffers kept for reuse while clients are connected (at most)
+REPLY_WINDOW = 8 * MiB  # read data one connection may hold in buffers, not yet sent
+LISTEN_BACKLOG = 4096  # SOMAXCONN, as qemu-nbd and nbdkit (the kernel caps it at net.core.somaxconn)
 
 # The hot path tests flags with plain ints: ``int & IntFlag`` goes through enum's Python-level
 # __rand__ (about 2 µs each, five per request: a tenth of a 4 KiB read's time in the server).
 _FUA, _DF, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.NO_HOLE)
 _FAST_ZERO, _REQ_ONE, _STATE_ZERO = int(CmdFlag.FAST_ZERO), int(CmdFlag.REQ_ONE), int(State.ZERO)
 _ALLOWED_FLAGS = {int(cmd): int(flags) for cmd, flags in ALLOWED_CMD_FLAGS.items()}
+_READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
 
 # Host errno -> NBD error, as qemu maps them (anything else becomes EINVAL... or EIO for I/O)
 _ERRNO_MAP = {
@@ -79,6 +96,10 @@ def nbd_errno(err: int | None) -> int:
     return _ERRNO_MAP.get(err or errno.EIO, Errno.EINVAL)
 
 
+class ClientGone(Exception):
+    """The client's socket failed under a send: nothing more can be answered on this connection."""
+
+
 class RequestError(Exception):
     """A request the export refuses; answered with ``error`` and ``message``."""
 
@@ -91,8 +112,14 @@ class RequestError(Exception):
 class ServerConfig:
     tls_mode: TLSMode = TLSMode.OFF
     tls_context: ssl.SSLContext | None = None
-    max_connections: int = 0  # 0: unlimited
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: clients served at once (0: no limit); later ones wait unaccepted, as with qemu-nbd -e
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: seconds a client has to finish negotiation (0: no limit)
+    handshake_limit: float = HANDSHAKE_LIMIT
+    #: READ/WRITE payload bytes one connection may have in flight before its reader waits
+    max_connection_bytes: int = MAX_CONNECTION_BYTES
+    #: payload buffer bytes in use at once across all connections
+    buffer_limit: int = BUFFER_LIMIT
 
 
 class NBDServer:
@@ -104,9 +131,12 @@ class NBDServer:
         self.connections: set[ServerConnection] = set()
         self._listeners: list[asyncio.Task] = []
         self._sockets: list[socket.socket] = []
-        self._slots = asyncio.Semaphore(self.config.max_connections) if self.config.max_connections else None
+        self._slot_freed = asyncio.Event()
         self.client_gone = asyncio.Event()  # set whenever a client's connection ends (for --once)
         self.closing = False
+        self.buffers = BufferPool(cache_limit=min(BUFFER_CACHE, self.config.buffer_limit))
+        #: bytes of pool buffers in use (payloads and read data), all connections together
+        self.memory = ByteBudget(self.config.buffer_limit)
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -125,8 +155,9 @@ class NBDServer:
         return self.listen_socket(sock)
 
     def listen_socket(self, sock: socket.socket) -> socket.socket:
-        """Serve on a socket that is bound (or already listening, as with socket activation)."""
-        sock.listen(128)
+        """Serve on a socket that is bound (or already listening, as with socket activation: listening
+        again only raises its backlog, so a storm of connects is queued, not refused)."""
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self._sockets.append(sock)
         self._listeners.append(asyncio.create_task(self._accept_loop(sock)))
@@ -135,6 +166,7 @@ class NBDServer:
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            await self._free_slot()
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
@@ -143,20 +175,29 @@ class NBDServer:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)  # e.g. EMFILE: back off instead of spinning
                 continue
+            await self._free_slot()  # another listening socket may have taken the slot meanwhile
             connection = ServerConnection(self, SocketChannel(conn))
             self.connections.add(connection)
             connection.task = asyncio.create_task(self._run_connection(connection))
 
+    async def _free_slot(self) -> None:
+        """Wait until a client may be served. At the limit nothing is accepted, as qemu-nbd -e and
+        qemu's nbd-server-start do it: further clients wait in the listen backlog, connected but
+        not greeted, until a served client leaves."""
+        limit = self.config.max_connections
+        while limit and len(self.connections) >= limit:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+
     async def _run_connection(self, connection: ServerConnection) -> None:
         try:
-            if self._slots is not None:
-                async with self._slots:  # like qemu-nbd --shared: later clients wait their turn
-                    await connection.run()
-            else:
-                await connection.run()
+            await connection.run()
         finally:
             self.connections.discard(connection)
+            self._slot_freed.set()
             self.client_gone.set()
+            if not self.connections:
+                self.buffers.clear()  # idle: give the cached buffers back to the system
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -203,8 +244,13 @@ class ServerConnection:
         self._reply_lock = asyncio.Lock()
         self._in_flight: set[asyncio.Task] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        self._buffers = BufferPool()
+        #: READ/WRITE bytes read from the client and not yet answered: the reader waits on it
+        self._in_flight_bytes = ByteBudget(server.config.max_connection_bytes)
+        #: bytes of read data (and block status replies) held in memory, not yet sent
+        self._reply_window = ByteBudget(REPLY_WINDOW)
+        self._waiting_for_memory: set[asyncio.Task] = set()
         self._stopping = False
+        self._gone: OSError | None = None  # why a send failed: the client is gone
         self._reading: asyncio.Task | None = None
         self._mid_message = False  # a header announced a payload that has not fully arrived yet
         try:
@@ -213,22 +259,36 @@ class ServerConnection:
             self.peer = "?"
 
     async def run(self) -> None:
+        """Serve the client; whichever way it ends, the end is one line in the log."""
         try:
+            limit = self.server.config.handshake_limit
             try:
-                await asyncio.wait_for(self._negotiate(), self.server.config.handshake_timeout)
+                if limit:
+                    await asyncio.wait_for(self._negotiate(), limit)
+                else:
+                    await self._negotiate()
             except TimeoutError:
-                log.warning("%s: negotiation timed out", self.peer)
+                log.info("%s: negotiation not finished within %g s, disconnecting", self.peer, limit)
                 return
             if self.negotiated:
                 await self._transmission()
+            if self._gone is not None:
+                log.info("%s: client went away: %s", self.peer, _reason(self._gone))
         except ConnectionClosed as exc:
-            if exc.partial or self._mid_message:
+            if exc.partial or self._mid_message:  # a request or option was cut short: worth a warning
                 log.warning("%s: client disconnected mid-message: %s", self.peer, exc)
             else:
-                log.debug("%s: client disconnected", self.peer)
+                log.info("%s: client went away", self.peer)
         except ProtocolError as exc:
             log.warning("%s: protocol error, closing: %s", self.peer, exc)
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS connection error, closing: %s", self.peer, exc)
+        except ConnectionError as exc:  # reset, broken pipe: the client is gone
+            if self._mid_message:
+                log.warning("%s: client disconnected mid-message: %s", self.peer, _reason(exc))
+            else:
+                log.info("%s: client went away: %s", self.peer, _reason(exc))
+        except OSError as exc:
             log.warning("%s: connection error: %s", self.peer, exc)
         except asyncio.CancelledError:
             pass
@@ -250,6 +310,16 @@ class ServerConnection:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         self.channel.close()
 
+    def _lost(self, exc: OSError) -> None:
+        """A send failed: stop reading, and stop requests that only wait for memory (requests in
+        a node run to their end: a write's buffer may be in a worker thread's hands)."""
+        if self._gone is None:
+            self._gone = exc
+            if self._reading is not None:
+                self._reading.cancel()
+            for task in self._waiting_for_memory:
+                task.cancel()
+
     # -- negotiation ----------------------------------------------------------------------------
 
     async def _negotiate(self) -> None:
@@ -259,14 +329,22 @@ class ServerConnection:
         await self.channel.send([negotiation.greeting()])
         (flags,) = CLIENT_FLAGS.unpack(await self.reader.readexactly(CLIENT_FLAGS.size))
         negotiation.receive_client_flags(flags)
+        memory = self.server.memory
         while True:
             option, length = decode_option_header(await self.reader.readexactly(OPTION_HEADER.size))
             if length > MAX_OPTION_LENGTH:
                 raise ProtocolError(f"option {option} payload of {length} bytes is over the limit")
             self._mid_message = True
-            payload = await self.reader.readexactly(length) if length else b""
-            self._mid_message = False
-            outcome = negotiation.handle_option(option, payload)
+            if length:
+                await memory.take(length)  # option payloads count with the server's buffers
+            try:
+                payload = await self.reader.readexactly(length) if length else b""
+                self._mid_message = False
+                outcome = negotiation.handle_option(option, payload)
+                del payload
+            finally:
+                if length:
+                    memory.release(length)
             log.debug("%s: option %d -> %s", self.peer, option, outcome.action.value)
             if outcome.replies:
                 try:
@@ -301,27 +379,35 @@ class ServerConnection:
 
     async def _transmission(self) -> None:
         header = memoryview(bytearray(REQUEST.size))
-        while not self._stopping:
+        in_flight_bytes = self._in_flight_bytes
+        max_payload = self.export.max_payload
+        while not self._stopping and self._gone is None:
             self._reading = asyncio.current_task()
             try:
                 await self.reader.readinto(header)
                 request = decode_request(header)
+                cmd = request.type
+                # READ and WRITE payloads count against the connection's bytes in flight; at the
+                # cap the reader waits here, reading nothing more, until replies have gone out
+                cost = request.length if (cmd == _READ or cmd == _WRITE) and request.length <= max_payload else 0
+                if cost and not in_flight_bytes.try_take(cost):
+                    await in_flight_bytes.take(cost)
                 payload = None
-                if request.type == Cmd.WRITE:
+                if cmd == _WRITE:
                     self._mid_message = True
                     payload = await self._receive_payload(request)
                     self._mid_message = False
             except asyncio.CancelledError:
-                if self._stopping:
+                if self._stopping or self._gone is not None:
                     return
                 raise
             finally:
                 self._reading = None
-            if request.type == Cmd.DISC:
-                log.debug("%s: client sent NBD_CMD_DISC", self.peer)
+            if cmd == _DISC:
+                log.info("%s: client disconnected", self.peer)
                 return
             await self._slots.acquire()
-            task = asyncio.create_task(self._handle(request, payload))
+            task = asyncio.create_task(self._handle(request, payload, cost))
             self._in_flight.add(task)
             task.add_done_callback(self._request_done)
 
@@ -329,57 +415,95 @@ class ServerConnection:
         self._in_flight.discard(task)
         self._slots.release()
 
-    async def _receive_payload(self, request) -> bytearray | RequestError:
+    async def _take_memory(self, size: int) -> None:
+        """Take ``size`` bytes of the server's buffer budget, waiting (cancellably, should the
+        client go away meanwhile) while other connections hold it."""
+        memory = self.server.memory
+        if memory.try_take(size):
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting_for_memory.add(task)
+        try:
+            await memory.take(size)
+        finally:
+            self._waiting_for_memory.discard(task)
+
+    def _release_buffer(self, buf: memoryview) -> None:
+        capacity = size_class(len(buf))
+        self.server.buffers.put(buf)
+        self.server.memory.release(capacity)
+
+    async def _receive_payload(self, request) -> memoryview | RequestError:
         """Read a WRITE payload; one we refuse is consumed anyway so the stream stays in sync."""
-        if request.length > self.export.max_payload:
-            await self.reader.skip(request.length)
-            return RequestError(Errno.EINVAL, f"write of {request.length} bytes is over the 32 MiB limit")
-        payload = self._buffers.get(request.length)
-        await self.reader.readinto(memoryview(payload))
+        length = request.length
+        if length > self.export.max_payload:
+            await self.reader.skip(length)
+            return RequestError(Errno.EINVAL, f"write of {length} bytes is over the 32 MiB limit")
+        await self._take_memory(size_class(length))
+        payload = self.server.buffers.get(length)
+        try:
+            await self.reader.readinto(payload)
+        except BaseException:
+            self._release_buffer(payload)
+            raise
         return payload
 
-    async def _handle(self, request, payload) -> None:
+    async def _handle(self, request, payload: memoryview | RequestError | None, cost: int) -> None:
         cookie = request.cookie
         foreground.enter()
         try:
-            if isinstance(payload, RequestError):
-                raise payload
-            await self._dispatch(request, payload)
+            try:
+                if isinstance(payload, RequestError):
+                    raise payload
+                answered = await self._dispatch(request, payload)
+            finally:
+                if payload is not None and not isinstance(payload, RequestError):
+                    self._release_buffer(payload)  # written: the buffer is free before the reply goes
+            if not answered:
+                await self._send([encode_simple_reply(0, cookie)])
+        except (ClientGone, asyncio.CancelledError):
+            pass  # the client is gone (logged once, by run); nothing to answer
         except RequestError as exc:
             level = logging.DEBUG if exc.error == Errno.ENOTSUP else logging.WARNING
             log.log(level, "%s: request %s refused: %s", self.peer, _describe(request), exc)
-            await self._send_error(cookie, exc.error, str(exc))
+            await self._answer_error(cookie, exc.error, str(exc))
         except BlockError as exc:
             log.warning("%s: request %s failed: %s", self.peer, _describe(request), exc)
-            await self._send_error(cookie, nbd_errno(exc.errno), str(exc))
-        except OSError as exc:
+            await self._answer_error(cookie, nbd_errno(exc.errno), str(exc))
+        except OSError as exc:  # from the node: the client's socket errors are ClientGone
             log.warning("%s: request %s failed: %s", self.peer, _describe(request), exc)
-            await self._send_error(cookie, nbd_errno(exc.errno), exc.strerror or str(exc))
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the connection is going away; nothing to answer
+            await self._answer_error(cookie, nbd_errno(exc.errno), exc.strerror or str(exc))
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("%s: request %s crashed", self.peer, _describe(request))
-            try:
-                await self._send_error(cookie, Errno.EIO, f"internal error: {exc.__class__.__name__}")
-            except ConnectionError:
-                pass
+            await self._answer_error(cookie, Errno.EIO, f"internal error: {exc.__class__.__name__}")
         finally:
             foreground.leave()
-            if isinstance(payload, bytearray):
-                self._buffers.put(payload)
+            if cost:
+                self._in_flight_bytes.release(cost)
 
     async def _send(self, buffers) -> None:
         async with self._reply_lock:
+            await self._transmit(buffers)
+
+    async def _transmit(self, buffers) -> None:
+        """Send under the reply lock; a socket error means the client is gone (:class:`ClientGone`)."""
+        if self._gone is not None:
+            raise ClientGone
+        try:
             await self.channel.send(buffers)
+        except OSError as exc:
+            self._lost(exc)
+            raise ClientGone from None
 
-    async def _send_ok(self, cookie: int) -> None:
-        await self._send([encode_simple_reply(0, cookie)])
-
-    async def _send_error(self, cookie: int, error: int, message: str) -> None:
-        if self.session.structured:
-            await self._send([encode_error_chunk(cookie, error, message[:200])])
-        else:
-            await self._send([encode_simple_reply(error, cookie)])
+    async def _answer_error(self, cookie: int, error: int, message: str) -> None:
+        try:
+            if self.session.structured:
+                await self._send([encode_error_chunk(cookie, error, message[:200])])
+            else:
+                await self._send([encode_simple_reply(error, cookie)])
+        except ClientGone:
+            pass
 
     def _check_request(self, request) -> None:
         export = self.export
@@ -412,17 +536,19 @@ class ServerConnection:
             if request.length == 0:
                 raise RequestError(Errno.EINVAL, "block status of zero length")
 
-    async def _dispatch(self, request, payload) -> None:
+    async def _dispatch(self, request, payload) -> bool:
+        """Carry out a request; True if it was answered here (reads, block status), False if it
+        only needs the plain OK that :meth:`_handle` sends."""
         self._check_request(request)
         node = self.export.io
-        cmd, flags, cookie = request.type, request.flags, request.cookie
+        cmd, flags = request.type, request.flags
         fua = bool(flags & _FUA)
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             if fua:
                 await node.flush()
             await self._read(request)
-            return
-        if cmd == Cmd.WRITE:
+            return True
+        if cmd == _WRITE:
             await node.write(request.offset, payload, fua=fua)
         elif cmd == Cmd.WRITE_ZEROES:
             try:
@@ -445,18 +571,39 @@ class ServerConnection:
             await node.cache(request.offset, request.length)
         elif cmd == Cmd.BLOCK_STATUS:
             await self._block_status(request)
-            return
-        await self._send_ok(cookie)
+            return True
+        return False
+
+    async def _hold_reply_memory(self, size: int) -> None:
+        """Before reply data is put in memory: take it from the connection's reply window (a
+        client that does not read its replies holds at most that much) and from the server's
+        buffer budget."""
+        window = self._reply_window
+        if not window.try_take(size):
+            await window.take(size)
+        try:
+            await self._take_memory(size)
+        except BaseException:
+            window.release(size)
+            raise
+
+    def _drop_reply_memory(self, size: int) -> None:
+        self._reply_window.release(size)
+        self.server.memory.release(size)
 
     async def _read(self, request) -> None:
         node, cookie, offset, length = self.export.io, request.cookie, request.offset, request.length
+        buffers = self.server.buffers
         if not self.session.structured:
-            buf = self._buffers.get(length)
+            charge = size_class(length)
+            await self._hold_reply_memory(charge)
+            buf = buffers.get(length)
             try:
-                await node.read_into(offset, memoryview(buf))
+                await node.read_into(offset, buf)
                 await self._send([encode_simple_reply(0, cookie), buf])
             finally:
-                self._buffers.put(buf)
+                buffers.put(buf)
+                self._drop_reply_memory(charge)
             return
         if length == 0:
             await self._send([encode_none_chunk(cookie)])
@@ -471,18 +618,25 @@ class ServerConnection:
         # error reply instead of a half-sent one; sendfile ranges go out while the lock is held.
         df = bool(request.flags & _DF)
         use_sendfile = length > SMALL_READ and self.export.node.can_sendfile and self.channel.supports_sendfile
-        pieces: list[tuple[int, int, bytearray | None]] = []  # (offset, length, data); data None: hole
+        charge = 0
+        if not use_sendfile:
+            charge = sum(size_class(ext_len) for ext_len, state in extents if df or not state & _STATE_ZERO)
+            await self._hold_reply_memory(charge)
+        pieces: list[tuple[int, int, memoryview | None]] = []  # (offset, length, data); data None: hole
         pos = offset
         try:
             for ext_len, state in extents:
-                data: bytearray | None = None
+                data: memoryview | None = None
                 if df or not state & _STATE_ZERO:
-                    if not use_sendfile:
-                        data = self._buffers.get(ext_len)
-                        await node.read_into(pos, memoryview(data))
-                    pieces.append((pos, ext_len, data if data is not None else _SENDFILE))
-                else:
-                    pieces.append((pos, ext_len, None))
+                    if use_sendfile:
+                        data = _SENDFILE
+                    else:
+                        data = buffers.get(ext_len)
+                        pieces.append((pos, ext_len, data))  # listed at once: put back whatever happens
+                        await node.read_into(pos, data)
+                        pos += ext_len
+                        continue
+                pieces.append((pos, ext_len, data))
                 pos += ext_len
             # a sendfile reads the file while it sends: the whole reply is then a request in flight
             tracking = self.export.reading(offset, length) if use_sendfile else contextlib.nullcontext()
@@ -490,16 +644,18 @@ class ServerConnection:
                 for i, (pos, ext_len, piece) in enumerate(pieces):
                     done = i == len(pieces) - 1
                     if piece is None:
-                        await self.channel.send([encode_offset_hole(cookie, pos, ext_len, done)])
+                        await self._transmit([encode_offset_hole(cookie, pos, ext_len, done)])
                     elif piece is _SENDFILE:
-                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done)])
+                        await self._transmit([encode_offset_data_header(cookie, pos, ext_len, done)])
                         await self._sendfile(source, pos, ext_len)
                     else:
-                        await self.channel.send([encode_offset_data_header(cookie, pos, ext_len, done), piece])
+                        await self._transmit([encode_offset_data_header(cookie, pos, ext_len, done), piece])
         finally:
-            for _, _, piece in pieces:
-                if piece is not None and piece is not _SENDFILE:
-                    self._buffers.put(piece)
+            if charge:
+                for _, _, piece in pieces:
+                    if piece is not None:
+                        buffers.put(piece)
+                self._drop_reply_memory(charge)
 
     async def _sendfile(self, node, offset: int, length: int) -> None:
         fd, file_offset = node.sendfile_source(offset, length)
@@ -507,9 +663,11 @@ class ServerConnection:
             await self.channel.sendfile(fd, file_offset, length)
         except (EOFError, OSError) as exc:
             # Part of a chunk is already on the wire: the stream cannot be repaired.
-            log.error("%s: sendfile failed mid-reply, disconnecting: %s", self.peer, exc)
+            if not isinstance(exc, ConnectionError):  # the file failed, not the client
+                log.error("%s: sendfile failed mid-reply, disconnecting: %s", self.peer, exc)
             self.channel.close()
-            raise ConnectionClosed(str(exc)) from exc
+            self._lost(exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc)))
+            raise ClientGone from None
 
     async def _block_status(self, request) -> None:
         offset, length = request.offset, request.length
@@ -529,10 +687,17 @@ class ServerConnection:
             encode_block_status_chunk(request.cookie, cid, extents, i == last)
             for i, (cid, extents) in enumerate(answers)
         ]
-        await self._send(chunks)
+        del answers
+        # a reply waiting for a client that does not read counts like read data
+        size = sum(len(chunk) for chunk in chunks)
+        await self._hold_reply_memory(size)
+        try:
+            await self._send(chunks)
+        finally:
+            self._drop_reply_memory(size)
 
 
-_SENDFILE = bytearray()  # marks a piece that is sent with sendfile rather than from a buffer
+_SENDFILE = memoryview(bytearray())  # marks a piece that is sent with sendfile rather than from a buffer
 
 
 def _clip(extents: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
@@ -543,6 +708,10 @@ def _clip(extents: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
         out.append((min(length, total), state))
         total -= length
     return out
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or exc.__class__.__name__
 
 
 def _describe(request) -> str:
