@@ -56,6 +56,7 @@ class Target:
     export: str = ""
     qmp_socket: str | None = None
     stop: Callable[[], object] = lambda: None
+    witness_export: str = ""
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -111,8 +112,11 @@ def start_pynbd_daemon(work: Path) -> Target:
         "driver=qcow2,node-name=q0,file=f0",
         "--export",
         "type=nbd,id=e0,node-name=q0,name=disk,writable=on",
+        "--export",
+        "type=nbd,id=witness-export,node-name=q0,name=witness,writable=on",
     )
-    return Target("daemon", daemon.proc, daemon.nbd_path, "disk", daemon.qmp_path, stop=daemon.stop)
+    # the witness has an export of its own: mutated QMP may well delete 'e0' (one bit from 'e1')
+    return Target("daemon", daemon.proc, daemon.nbd_path, "disk", daemon.qmp_path, daemon.stop, "witness")
 
 
 # -- mutations --------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def _negotiated(target: Target) -> socket.socket:
         option, reply, length = wire.decode_option_reply_header(header)
         _recv_exact(sock, length)
         if option == Opt.GO and reply & 0x80000000:
-            raise AssertionError(f"GO refused: {reply:#x}")
+            raise ConnectionError(f"GO refused: {reply:#x}")  # the export may have been deleted
         if option == Opt.GO and reply == 1:
             return sock
 
@@ -394,7 +398,7 @@ class Witness:
     @staticmethod
     def _handle(target: Target) -> nbd.NBD:
         handle = nbd.NBD()
-        handle.set_export_name(target.export)
+        handle.set_export_name(target.witness_export or target.export)
         handle.connect_unix(target.nbd_socket)
         return handle
 
