@@ -152,6 +152,11 @@ class NodeBitmap:
         return self.bitmap.granularity
 
     @property
+    def size(self) -> int:
+        """The disk size the bitmap covers (that of its node when it was made)."""
+        return self.bitmap.size
+
+    @property
     def busy(self) -> bool:
         return self.busy_count > 0 or self.successor is not None
 

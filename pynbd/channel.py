@@ -356,4 +356,4 @@ def _wake(future: asyncio.Future) -> None:
 def _read_into(tls: ssl.SSLObject, view: memoryview) -> int:
     """SSLObject.read with a buffer returns the byte count (typeshed says bytes: it is the
     no-buffer form's type)."""
-    return cast(int, tls.read(len(view), view))  # type: ignore[arg-type]
+    return cast(int, tls.read(len(view), view))

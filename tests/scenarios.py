@@ -439,6 +439,26 @@ def commit_pivot(r: Run) -> None:
     _after_pivot(r, daemon, model, w, before, "base", paths, paths[0])
 
 
+def commit_punch(r: Run) -> None:
+    """commit-pivot with hole punching (pynbd's ``x-discard-committed``): the layers above the
+    base give back what was committed as the job goes, guest writes over ranges they do not
+    allocate go to the base alone. Afterwards the base holds everything and neither mid nor top
+    holds a cluster any more (``qemu-img map``)."""
+    paths, initial = qcow2_chain(r, "disk", 3)
+    daemon, events = start(r, *chain_options(paths, ["base", "mid", "top"], read_only_below=True))
+    export(daemon, "top")
+    model = Model(r.size, initial)
+    w = writer(r, daemon, model)
+    before = graph_shape(daemon, perms=False)
+    pause_for_writes(r, w, 0, 30)
+    _pivot(r, daemon, events, model, w, "c", "block-commit", device="top", **{"x-discard-committed": True})
+    _after_pivot(r, daemon, model, w, before, "base", paths, paths[0])
+    for depth, path in ((1, paths[1]), (2, paths[2])):  # their base is at this depth of their chain
+        extents = json.loads(run(["qemu-img", "map", "--output=json", str(path)]).stdout)
+        held = [e for e in extents if e["depth"] != depth]
+        r.expect(not held, f"{path.name} still holds clusters after a hole-punching commit: {held[:3]}")
+
+
 # -- backup and fleecing ---------------------------------------------------------------------------
 
 
@@ -697,11 +717,22 @@ def crash_loop(r: Run) -> None:
     (leaks counted apart) and every durably acknowledged write reads back from the chain that
     was active at the kill: the source's before the pivot, the target after BLOCK_JOB_COMPLETED
     was seen; in between (complete sent, event not yet seen) either may be."""
-    op = CRASH_OPS[r.seed % len(CRASH_OPS)]
+    _crash_round(r, CRASH_OPS[r.seed % len(CRASH_OPS)])
+
+
+def crash_punch(r: Run) -> None:
+    """The SIGKILL loop's active commit with hole punching (pynbd's ``x-discard-committed``) of
+    base <- mid <- top: killed while clusters leave the layers, or after, every durable write
+    must still read back through the top's chain (or the base's, after the pivot)."""
+    _crash_round(r, "commit", punch=True)
+
+
+def _crash_round(r: Run, op: str, punch: bool = False) -> None:
     phase = r.rng.choice(CRASH_PHASES[op])
-    paths, initial = qcow2_chain(r, "disk", 2)
+    names = ["base", "mid", "top"] if punch else ["base", "top"]
+    paths, initial = qcow2_chain(r, "disk", len(names))
     images = list(paths)
-    options = chain_options(paths, ["base", "top"], read_only_below=op == "commit")
+    options = chain_options(paths, names, read_only_below=op == "commit")
     target = None
     if op != "commit":
         target = blank_qcow2(r, "target.qcow2")
@@ -722,7 +753,7 @@ def crash_loop(r: Run) -> None:
     elif op == "mirror":
         daemon.ok("blockdev-mirror", device="top", target="tgt", sync="full", **{"job-id": "j"})
     else:
-        daemon.ok("block-commit", device="top", **{"job-id": "j"})
+        daemon.ok("block-commit", device="top", **{"job-id": "j"}, **({"x-discard-committed": True} if punch else {}))
     model.mark("job started")
     if phase != "running":
         if op != "backup":
@@ -791,6 +822,7 @@ SCENARIOS = {
         Scenario("mirror-pivot-nbd", mirror_pivot_nbd),
         Scenario("mirror-start-inflight", mirror_start_inflight),
         Scenario("commit-pivot", commit_pivot),
+        Scenario("commit-punch", commit_punch, ("pynbd",), "x-discard-committed is a pynbd extension"),
         Scenario("backup-full", backup_full),
         Scenario("fleecing-old", fleecing_old),
         Scenario(
@@ -810,6 +842,7 @@ SCENARIOS = {
         Scenario("cancel-backup", cancel_backup),
         Scenario("cancel-stream", cancel_stream),
         Scenario("crash-loop", crash_loop),
+        Scenario("crash-punch", crash_punch, ("pynbd",), "x-discard-committed is a pynbd extension"),
     )
 }
 

@@ -393,7 +393,7 @@ def test_a_node_read_given_up_on_hands_back_a_pooled_buffer_the_remote_cannot_re
                 await asyncio.wait_for(node.read_into(0, memoryview(buf)), 0.2)
             pool.put(buf)
             reused = pool.get(size)
-            assert reused is buf
+            assert reused.obj is buf.obj  # the same pooled memory (the pool hands out views of it)
             reused[:] = bytes([SENTINEL]) * size  # the next user's data
             control.resume()
             await node.client.wait_idle()

@@ -1,5 +1,6 @@
-"""Frozen child links over QMP: a counter, so several holders (jobs, or x-pynbd-freeze-link) can
-freeze the same link, and it can change only once every one of them has let go.
+"""Frozen child links over QMP: holders that need a link unchanged (jobs, or x-pynbd-freeze-link)
+share it, and it can change only once every one of them has let go; a link a job will change on
+completion has that job as its only holder.
 
 qemu has a flag instead, and no command to set it: these tests are pynbd's own. A hold taken over
 QMP belongs to the monitor that took it: no other monitor, and no monitor at all for a job's hold,
@@ -60,15 +61,42 @@ def test_a_link_frozen_twice_changes_only_after_two_unfreezes(chain, workdir):
     chain.fails("x-pynbd-unfreeze-link", **link)  # not frozen any more
 
 
-def test_a_job_and_another_holder_freeze_the_same_link(chain, workdir):
-    chain.ok("block-stream", **{"job-id": "s", "device": "top", "speed": 1})  # runs (slowly) with the chain frozen
-    assert chain.ok("x-pynbd-freeze-link", **{"node-name": "top", "child": "backing"}) == {"freeze-count": 2}
-    assert "frozen" in repoint(chain, "other")["error"]["desc"]
+def test_a_link_a_job_will_change_cannot_be_held_by_anyone_else(chain, workdir):
+    """block-stream re-points (here: drops) top's backing link when it completes: while it runs
+    nobody else may hold that link, and a hold taken first refuses the stream, which then leaves
+    nothing behind (no job, no filter, no hold of its own)."""
+    link = {"node-name": "top", "child": "backing"}
+    chain.ok("block-stream", **{"job-id": "s", "device": "top", "speed": 1})  # runs (slowly)
+    refused = chain.fails("x-pynbd-freeze-link", **link)
+    assert refused.startswith("Cannot freeze 'backing' link from 'top' to 'base' for QMP client ")
+    assert refused.endswith(": it is being changed by job 's'")
     chain.ok("block-job-cancel", device="s", force=True)
     chain.wait_event("BLOCK_JOB_CANCELLED", "s")
-    assert "frozen" in repoint(chain, "other")["error"]["desc"]  # still held by the other holder
-    chain.ok("x-pynbd-unfreeze-link", **{"node-name": "top", "child": "backing"})
+    graph = chain.ok("x-debug-query-block-graph")
+    assert chain.ok("x-pynbd-freeze-link", **link) == {"freeze-count": 1}  # free again
+    refused = chain.fails("block-stream", **{"job-id": "s2", "device": "top"})
+    assert refused.startswith("Cannot change 'backing' link from 'top' to 'base' for job 's2': it is frozen by QMP")
+    assert chain.ok("query-jobs") == []
+    assert chain.ok("x-debug-query-block-graph") == graph
+    assert chain.ok("x-pynbd-unfreeze-link", **link) == {"freeze-count": 0}
     assert "return" in repoint(chain, "other")
+
+
+def test_a_job_and_another_holder_that_need_the_link_unchanged_share_it(chain, workdir):
+    """An active commit only reads the chain (its pivot moves the users, not top's backing link):
+    a client may hold the same link, the commit still completes, and the link changes only once
+    the client lets go."""
+    chain.ok("block-commit", **{"job-id": "c", "device": "top"})
+    chain.wait_event("BLOCK_JOB_READY", "c")
+    assert chain.ok("x-pynbd-freeze-link", **{"node-name": "top", "child": "backing"}) == {"freeze-count": 2}
+    assert "frozen by job 'c' and QMP client " in repoint(chain, "other")["error"]["desc"]
+    chain.ok("block-job-complete", device="c")
+    assert "error" not in chain.wait_event("BLOCK_JOB_COMPLETED", "c")["data"]
+    assert "frozen by QMP client " in repoint(chain, "other")["error"]["desc"]  # still held by the client
+    assert chain.ok("x-pynbd-unfreeze-link", **{"node-name": "top", "child": "backing"}) == {"freeze-count": 0}
+    assert "return" in repoint(chain, "other")
+    assert chain.stop() == 0
+    run(["qemu-img", "check", str(workdir / "base.qcow2")])
 
 
 def test_freezing_needs_an_existing_link(chain):

@@ -66,15 +66,15 @@ def test_frozen_link_counter_blocks_changes_until_every_holder_unfreezes():
     other = graph.add_node(MemoryNode(4096, node_name="other"))
     top = graph.add_node(RawNode(node_name="top"))
     link = graph.attach_child(top, "file", base, Role.filtered())
-    job1 = graph.freeze_chain(top, base)
-    job2 = graph.freeze_chain(top, base)  # two jobs may freeze the same link
+    job1 = graph.freeze_chain(top, base, "job 'a'")
+    job2 = graph.freeze_chain(top, base, "job 'b'")  # two jobs that need it unchanged share the link
     assert link.freeze_count == 2
-    with pytest.raises(FrozenLinkError, match="frozen"):
+    with pytest.raises(FrozenLinkError, match="frozen by job 'a' and job 'b'"):
         graph.replace_child(link, other)
-    graph.unfreeze_links(job1)
+    graph.unfreeze_links(job1, "job 'a'")
     with pytest.raises(FrozenLinkError):
         graph.detach(link)
-    graph.unfreeze_links(job2)
+    graph.unfreeze_links(job2, "job 'b'")
     graph.replace_child(link, other)
     assert top.child_node("file") is other and base.parents == []
 

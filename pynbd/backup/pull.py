@@ -102,14 +102,15 @@ class _BackupCopier(Copier):
             async for run in super()._source_runs(size):
                 yield run
             return
-        pool = self.src.pool  # type: ignore[attr-defined]
+        assert isinstance(self.src, NBDDisk)  # a map context needs an NBD source (open_source)
+        pool = self.src.pool
         contexts = [context] + ([BASE_ALLOCATION] if BASE_ALLOCATION in pool.contexts else [])
         async for step in pool.iter_extents(contexts, 0, size):
             allocation = step.get(BASE_ALLOCATION)
             for marked in step[context]:
                 if not is_dirty(marked.flags):
                     self.stats.skipped_bytes += marked.length
-                    self.progress.advance(marked.length)  # type: ignore[union-attr]
+                    self._advance(marked.length)
                     continue
                 if self.dirty and self.dirty[-1][0] + self.dirty[-1][1] == marked.offset:
                     self.dirty[-1] = (self.dirty[-1][0], self.dirty[-1][1] + marked.length)
@@ -216,7 +217,7 @@ async def _pull(
         )  # fmt: skip
         created = True
         target = Qcow2Disk(await open_image(output, "qcow2", read_only=False))
-        copier = _BackupCopier(source, target, copy_options)  # type: ignore[arg-type]
+        copier = _BackupCopier(source, target, copy_options)
         stats = await copier.run()
         closing, target = target, None
         await closing.close()  # writes the metadata back and flushes

@@ -159,7 +159,9 @@ class _Verifier:
         else:
             same = exported == imaged
         if not same:
-            start, end = difference(exported, imaged)  # type: ignore[misc]
+            mismatch = difference(exported, imaged)
+            assert mismatch is not None  # they differ
+            start, end = mismatch
             self.mismatches.append((offset + start, offset + end))
         self.compared += count
         self.progress.advance(count)

@@ -129,6 +129,7 @@ def _verify(args: argparse.Namespace, request_size: int) -> int:
     elif result.export_size != result.image_size:
         print(f"size mismatch: the export is {result.export_size} bytes, {args.image} is {result.image_size} bytes")
     else:
-        start, end = result.mismatch  # type: ignore[misc]
+        assert result.mismatch is not None  # not equal, same size: a range differs
+        start, end = result.mismatch
         print(f"mismatch at bytes [{start}, {end}) ({end - start} bytes): {args.image} differs from the export")
     return 0 if result.equal else 1

@@ -8,29 +8,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pynbd.bitmap import DirtyBitmap
 from pynbd.daemon.blockdev import node_filename
+from pynbd.daemon.core import Daemon
 from pynbd.daemon.open import (
     CONVERT_SOURCE_SHARED,
     FORMATS,
     IMG_READ,
-    IMG_WRITE,
     Image,
     OpenError,
     open_image,
+    open_node,
     probe_format,
     resolve_backing,
 )
-from pynbd.graph.core import GraphUser
-from pynbd.graph.perms import ALL, NONE, Role, default_child_perm
+from pynbd.graph.perms import ALL, NONE, Perm, Role, default_child_perm
 from pynbd.graph.reopen import set_read_only
+from pynbd.graph.transaction import Transaction
+from pynbd.jobs.copy import CopyError
+from pynbd.jobs.copyjob import CONVERGE, CopyJob
+from pynbd.jobs.core import VERBS
+from pynbd.jobs.mirror import MirrorJob
 from pynbd.nodes.base import DATA, HOLE_ZERO, BlockError, BlockNode
 from pynbd.nodes.file import ImageLocked
 from pynbd.qcow2.check import check_image
@@ -43,7 +51,7 @@ log = logging.getLogger("pynbd.img")
 
 PROG = "pynbd img"
 COPY_CHUNK = 2 << 20
-ZERO_DETECT = 4096  # qemu-img convert -S default: skip runs of zeroes at least this long
+ZERO_DETECT = 4096  # qemu-img convert's -S default: aligned 4 KiB blocks of zeroes are not written as data
 
 
 FORCE_SHARE_HELP = "open the image even while another process writes it (read-only use only)"
@@ -116,24 +124,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("filename2")
     cmp.set_defaults(img_func=cmd_compare)
 
-    v = cmds.add_parser("convert", help="copy an image into a new one (sparse), changing format")
-    v.add_argument("-f", dest="fmt", choices=FORMATS)
+    v = cmds.add_parser("convert", help="copy images (one after the other) into a new one (sparse), changing format")
+    v.add_argument("-f", dest="fmt", choices=FORMATS, help="format of every source (default: probed)")
     v.add_argument("-O", dest="out_fmt", default="raw", choices=FORMATS)
     v.add_argument("-o", dest="options", action="append", default=[])
     v.add_argument("-n", dest="no_create", action="store_true", help="write into an existing target")
-    v.add_argument("--bitmaps", action="store_true", help="copy the persistent bitmaps too")
-    v.add_argument("-p", dest="progress", action="store_true", help="accepted for qemu-img compatibility")
+    v.add_argument("--bitmaps", action="store_true", help="copy the persistent bitmaps too (one source only)")
+    v.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    v.add_argument("-r", dest="rate", metavar="RATE", help="at most RATE bytes per second (K, M, G suffixes)")
     v.add_argument("-q", dest="quiet", action="store_true")
     v.add_argument("-U", "--force-share", action="store_true", help=FORCE_SHARE_HELP)
-    v.add_argument("source")
-    v.add_argument("target")
+    v.add_argument("files", nargs="+", metavar="FILE", help="the sources, then the target")
     v.set_defaults(img_func=cmd_convert)
 
     t = cmds.add_parser("commit", help="write an overlay's changes into its backing file")
     t.add_argument("-f", dest="fmt", choices=FORMATS)
     t.add_argument("-b", dest="base", help="commit into this image of the chain (default: the backing file)")
     t.add_argument("-d", dest="keep", action="store_true", help="do not empty the committed image")
-    t.add_argument("-p", dest="progress", action="store_true")
+    t.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    t.add_argument("-r", dest="rate", metavar="RATE", help="at most RATE bytes per second (K, M, G suffixes)")
     t.add_argument("-q", dest="quiet", action="store_true")
     t.add_argument("filename")
     t.set_defaults(img_func=cmd_commit)
@@ -142,8 +151,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.verbose:  # a failed job is reported once, in qemu-img's words, not also logged
+        logging.getLogger("pynbd.jobs").setLevel(logging.ERROR)
     try:
         return asyncio.run(args.img_func(args))
+    except Interrupted as exc:  # cleaned up: now end as the signal would have ended us
+        signal.signal(exc.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), exc.signum)
+        return 128 + exc.signum
     except OpenError as exc:  # qemu-img's words, and its hint on a second line
         print(f"{PROG}: {exc.report()}", file=sys.stderr)
         return 1
@@ -682,76 +697,219 @@ async def compare_range(a: BlockNode, b: BlockNode, offset: int, length: int) ->
     return None
 
 
+# -- running copy jobs (convert, commit) -----------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the command: its job was cancelled and its images closed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+class Progress:
+    """qemu-img's progress report (util/qemu-progress.c, min_skip 1%) for ``-p``:
+    ``"    (12.34/100%)\r"`` on stdout at the start, whenever at least 1% more is done, and at
+    100%, then a newline. The figure never goes back."""
+
+    def __init__(self, shown: bool) -> None:
+        self.shown = shown
+        self.current = 0.0
+        self.last: float | None = None
+
+    def update(self, percent: float) -> None:
+        self.current = min(100.0, max(self.current, percent))
+        last = self.last
+        if last is None or self.current > last + 1.0 or (self.current == 100.0 and last < 100.0):
+            self.last = self.current
+            if self.shown:
+                sys.stdout.write(f"    ({self.current:3.2f}/100%)\r")
+                sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+PROGRESS_INTERVAL = 0.1  # seconds between looks at a running job's progress (a display rate)
+
+
+class JobRunner:
+    """Runs copy jobs in a one-shot daemon graph to their end, one after the other, as qemu-img's
+    run_block_job does: a converge job is completed, without a pivot, as soon as it is READY.
+    Progress is the jobs' bytes done, each job weighing its ``weight`` of ``total``. SIGINT and
+    SIGTERM cancel the running job; the command then closes its images and raises
+    :class:`Interrupted`."""
+
+    def __init__(self, daemon: Daemon, progress: Progress, total: int) -> None:
+        self.daemon = daemon
+        self.progress = progress
+        self.total = max(total, 1)
+        self.done = 0
+        self.interrupted: int | None = None
+        self.job: CopyJob | None = None
+
+    def __enter__(self) -> JobRunner:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._interrupt, signum)
+        self._unsubscribe = self.daemon.subscribe(self._on_event)
+        self.progress.update(0.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        self._unsubscribe()
+        self.progress.end()  # also when the command fails, as qemu-img ends its progress line
+
+    def _interrupt(self, signum: int) -> None:
+        self.interrupted = signum
+        job = self.job
+        if job is not None and job.status in VERBS["cancel"]:
+            job.cancel(force=True)
+
+    def _on_event(self, event: str, data: dict) -> None:
+        job = self.job
+        if event == "BLOCK_JOB_READY" and job is not None and data.get("device") == job.id:
+            job.complete()
+
+    def _report(self, job: CopyJob, weight: int) -> None:
+        fraction = min(1.0, job.current_progress / job.total_progress) if job.total_progress else 0.0
+        self.progress.update(100.0 * (self.done + fraction * weight) / self.total)
+
+    async def run(self, job: CopyJob, weight: int) -> None:
+        """Run ``job`` to its end; raise if it failed (:class:`CopyError` if a copy did)."""
+        if self.interrupted is not None:
+            raise Interrupted(self.interrupted)
+        with Transaction() as tran:
+            job.install(tran)
+        self.job = job
+        self.daemon.jobs.start(job)
+        try:
+            while not job.concluded.is_set():
+                self._report(job, weight)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.concluded.wait(), PROGRESS_INTERVAL)
+        finally:
+            self.job = None
+        if self.interrupted is not None:
+            raise Interrupted(self.interrupted)
+        if job.copy_error is not None:
+            raise job.copy_error
+        if job.error is not None:
+            raise BlockError(errno.EIO, f"Block job failed: {job.error}")
+        self.done += weight
+        self.progress.update(100.0 * self.done / self.total)
+
+
+def copy_failure(exc: CopyError, offset: int) -> UsageError:
+    """qemu-img convert's words for a failed read or write (``offset``: where the failing part
+    starts in the target)."""
+    verb = "reading" if exc.operation == "read" else "writing"
+    return UsageError(f"error while {verb} at byte {offset + exc.offset}: {exc.reason}")
+
+
 # -- convert --------------------------------------------------------------------------------------
 
-
-def nonzero_runs(buf: bytes | bytearray, block: int = ZERO_DETECT) -> list[tuple[int, int]]:
-    """(start, end) of the parts of ``buf`` that are not whole zero blocks."""
-    zero = bytes(block)
-    runs: list[tuple[int, int]] = []
-    for start in range(0, len(buf), block):
-        piece = buf[start : start + block]
-        if piece == zero[: len(piece)]:
-            continue
-        end = start + len(piece)
-        if runs and runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], end)
-        else:
-            runs.append((start, end))
-    return runs
+SECTOR = 512
 
 
-async def copy_data(src: BlockNode, dst: BlockNode, offset: int, length: int, zero_target: bool) -> None:
-    """Copy a range sparsely: zero ranges are skipped (or zeroed when the target may hold data)."""
-    pos = offset
-    for run, flags in await src.block_status(offset, length):
-        if flags == HOLE_ZERO:
-            if zero_target:
-                await dst.write_zeroes(pos, run, may_trim=True)
-        else:
-            for chunk in range(pos, pos + run, COPY_CHUNK):
-                n = min(COPY_CHUNK, pos + run - chunk)
-                buf = bytearray(n)
-                await src.read_into(chunk, memoryview(buf))
-                last = 0
-                for start, end in nonzero_runs(buf):
-                    if zero_target and start > last:
-                        await dst.write_zeroes(chunk + last, start - last, may_trim=True)
-                    await dst.write(chunk + start, memoryview(buf)[start:end])
-                    last = end
-                if zero_target and last < n:
-                    await dst.write_zeroes(chunk + last, n - last, may_trim=True)
-        pos += run
+def round_up(size: int, unit: int = SECTOR) -> int:
+    return (size + unit - 1) // unit * unit
+
+
+async def refuse_locked_target(daemon: Daemon, filename: str, fmt: str) -> None:
+    """Creating an image replaces the file: first make sure no other process uses it, as qemu's
+    image creation does by taking the write lock (qemu-img's message if one does)."""
+    if not os.path.exists(filename):
+        return
+    try:
+        probe = await open_image(filename, "file", read_only=False, user="qemu-img", daemon=daemon)
+    except OpenError as exc:
+        text = f"{filename}: error while converting {fmt}: {exc.reason}"
+        raise UsageError(f"{text}\n{exc.hint}" if exc.hint else text) from None
+    await probe.close()
 
 
 async def cmd_convert(args: argparse.Namespace) -> int:
-    source = await open_image(
-        args.source,
-        args.fmt,
-        read_only=True,
-        shared=CONVERT_SOURCE_SHARED,
-        force_share=args.force_share,
-        user="qemu-img",
-    )
+    """Copy the sources, one after the other, into the target: each source is a converge copy job
+    of a one-shot daemon graph into its window of the target (a ``raw`` node with ``offset`` and
+    ``size``), completed without a pivot once READY. As qemu-img, each source takes its size
+    rounded up to 512 bytes (the padding reads as zeroes); the copy skips or zeroes aligned 4 KiB
+    blocks of zeroes (``-S 4k``)."""
+    if len(args.files) < 2:
+        raise UsageError("Must specify image file name")
+    *sources, target_name = args.files
+    if args.bitmaps and len(sources) > 1:
+        raise UsageError("Copying bitmaps only possible with single source")
+    speed = parse_size(args.rate) if args.rate else 0
+    daemon = Daemon()
     try:
-        src = source.node
+        opened = [
+            await open_image(
+                name,
+                args.fmt,
+                read_only=True,
+                shared=CONVERT_SOURCE_SHARED,
+                force_share=args.force_share,
+                user="qemu-img",
+                daemon=daemon,
+            )
+            for name in sources
+        ]
+        sizes = [image.node.size for image in opened]
+        offsets = [sum(round_up(size) for size in sizes[:i]) for i in range(len(sizes))]
+        total = sum(round_up(size) for size in sizes)
         if not args.no_create:
-            raw = parse_options(args.options)
+            await refuse_locked_target(daemon, target_name, args.out_fmt)
             if args.out_fmt == "qcow2":
-                create_qcow2(args.target, src.size, qcow2_options(raw))
+                create_qcow2(target_name, total, qcow2_options(parse_options(args.options)))
             else:
-                create_raw(args.target, src.size)
-        target = await open_image(args.target, args.out_fmt, read_only=False, backing=False, user="qemu-img")
-        try:
-            dst = target.node
-            await copy_data(src, dst, 0, min(src.size, dst.size), zero_target=args.no_create)
-            if args.bitmaps:
-                await copy_bitmaps(src, dst)
-            await dst.flush()
-        finally:
-            await target.close()
+                create_raw(target_name, total)
+        # the tool's handle holds the write lock; the jobs write for it (a copy's target is not
+        # consistent until the copy ends, so the handle does not ask for consistent reads)
+        target = await open_image(
+            target_name, args.out_fmt, read_only=False, perm=Perm.WRITE, backing=False, user="qemu-img", daemon=daemon
+        )
+        if target.node.size < total:
+            raise UsageError("output file is smaller than input file")
+        progress = Progress(args.progress and not args.quiet)
+        with JobRunner(daemon, progress, total) as runner:
+            for index, (image, offset, size) in enumerate(zip(opened, offsets, sizes, strict=True)):
+                window = await open_node(
+                    daemon, {"driver": "raw", "file": target.node.node_name, "offset": offset, "size": size}
+                )
+                job = CopyJob(
+                    f"convert{index}",
+                    daemon.graph,
+                    image.node,
+                    window,
+                    CONVERGE,
+                    "full",
+                    pivot=False,
+                    zero_detect=ZERO_DETECT,
+                    target_is_zero=not args.no_create,
+                    share_target_writes=True,
+                    speed=speed,
+                )
+                try:
+                    await runner.run(job, round_up(size))
+                except CopyError as exc:
+                    raise copy_failure(exc, offset) from None
+                # the window had no user but the job: the job's end closed it, as the daemon closes
+                # every node left unused (pynbd.daemon.blockdev.release_orphans)
+                padding = round_up(size) - size
+                if padding and args.no_create:  # what the source's padding reads as
+                    await target.link.write_zeroes(offset + size, padding, may_trim=True)
+        if args.bitmaps:
+            await copy_bitmaps(opened[0].node, target.node)
+        await target.link.flush()
     finally:
-        await source.close()
+        await daemon.shutdown()
     return 0
 
 
@@ -767,8 +925,13 @@ async def copy_bitmaps(src: BlockNode, dst: BlockNode) -> None:
 
 
 async def cmd_commit(args: argparse.Namespace) -> int:
-    image = await open_image(args.filename, args.fmt, read_only=False, user="qemu-img")
+    """Commit on the commit job, as qemu-img does: an active commit (a converge copy into the
+    base, chain frozen, base reopened read-write) completed without a pivot once READY; then,
+    without ``-b`` and ``-d``, the committed image is emptied."""
+    speed = parse_size(args.rate) if args.rate else 0
+    daemon = Daemon()
     try:
+        image = await open_image(args.filename, args.fmt, read_only=False, user="qemu-img", daemon=daemon)
         layers = image.chain()
         if len(layers) < 2:
             raise UsageError(f"Image '{args.filename}' does not have a backing file")
@@ -782,27 +945,21 @@ async def cmd_commit(args: argparse.Namespace) -> int:
             else:
                 raise UsageError(f"'{args.base}' is not in the backing chain of '{args.filename}'")
         top, base = image.node, layers[base_depth]
-        # as qemu-img: the base, opened read-only as a backing file, is reopened read-write and
-        # written through a user of its own (which takes the write lock on its file)
-        graph = image.daemon.graph
-        await set_read_only(graph, base, False)
-        writer = GraphUser("commit", "block-job", f"commit into {node_filename(base)!r}")
-        graph.attach_user(writer, base, IMG_WRITE, ALL)
-        try:
-            pos = 0
-            for run, depth in await top.allocation_depth(0, top.size):
-                if 1 <= depth <= base_depth:  # allocated above the base: its data must go down
-                    if pos + run > base.size:
-                        raise UsageError("the base image is smaller than the data to commit into it")
-                    await copy_data(top, base, pos, run, zero_target=True)
-                pos += run
-            await base.flush()
-        finally:
-            graph.detach_user(writer)
+        pos = 0
+        for run, depth in await top.allocation_depth(0, top.size):
+            if 1 <= depth <= base_depth and pos + run > base.size:
+                raise UsageError("the base image is smaller than the data to commit into it")
+            pos += run
+        job = MirrorJob("commit", daemon.graph, top, base, base=base, pivot=False, speed=speed)
+        # the base, opened read-only as a backing file, is written by the job: read-write for it
+        job.reopened = await set_read_only(daemon.graph, base, False)
+        progress = Progress(args.progress and not args.quiet)
+        with JobRunner(daemon, progress, top.size) as runner:
+            await runner.run(job, top.size)
         if not args.base and not args.keep and isinstance(top, Qcow2Node):
             await top.make_empty()
     finally:
-        await image.close()
+        await daemon.shutdown()
     if not args.quiet:
         print("Image committed.")
     return 0

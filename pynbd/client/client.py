@@ -163,8 +163,7 @@ class Client:
 
     @property
     def info(self) -> ExportInfo:
-        self._need_transmission()
-        return self.negotiated.info  # type: ignore[union-attr]
+        return self._need_transmission().info
 
     @property
     def size(self) -> int:
@@ -269,9 +268,11 @@ class Client:
     def closed(self) -> bool:
         return self._dead is not None
 
-    def _need_transmission(self) -> None:
+    def _need_transmission(self) -> Negotiated:
+        """What negotiation settled; refuses while still negotiating."""
         if self.negotiated is None:
             raise RuntimeError("the connection is still negotiating (opt mode): call opt_go() first")
+        return self.negotiated
 
     # -- negotiation -------------------------------------------------------------------------
 
@@ -646,12 +647,12 @@ class Client:
         The server may describe less than ``count`` bytes (ask again from where it stopped) or a
         little more; extents are clamped to the end of the export.
         """
-        self._need_transmission()
-        if not self.negotiated.contexts:  # type: ignore[union-attr]
+        negotiated = self._need_transmission()
+        if not negotiated.contexts:
             raise NBDError(errno.ENOTSUP, "block status: no meta context was negotiated")
         wanted = list(contexts) if contexts is not None else self.contexts
         for name in wanted:
-            if name not in self.negotiated.contexts:  # type: ignore[union-attr]
+            if name not in negotiated.contexts:
                 raise ValueError(f"meta context {name!r} was not negotiated (have {self.contexts})")
         if offset < 0 or count <= 0 or offset >= self.size:
             raise ValueError(f"block status of [{offset}, {offset + count}) outside the export")
@@ -659,7 +660,7 @@ class Client:
         pending = await self._request(Cmd.BLOCK_STATUS, offset, count, CmdFlag.REQ_ONE if req_one else 0)
         result: dict[str, list[Extent]] = {}
         for name in wanted:
-            context_id = self.negotiated.contexts[name]  # type: ignore[union-attr]
+            context_id = negotiated.contexts[name]
             raw = pending.extents.get(context_id)
             if raw is None:
                 raise ProtocolViolation(f"block status reply has no extents for {name}")
@@ -964,7 +965,8 @@ def make_endpoint(target: str | NBDURI | Sequence[str], command_mode: str = "act
         target = parse_uri(target)
     if isinstance(target, NBDURI):
         if target.transport == "unix":
-            return UnixEndpoint(target.socket_path), target  # type: ignore[arg-type]
+            assert target.socket_path is not None  # parse_uri refuses a unix URI without ?socket=
+            return UnixEndpoint(target.socket_path), target
         return TCPEndpoint(target.host, target.port), target
     argv = list(target)
     if command_mode == "stdio":

@@ -325,6 +325,11 @@ class Copier:
         self.failure: BaseException | None = None
         self.progress: Progress | None = None
 
+    def _advance(self, count: int) -> None:
+        """Count copied bytes on the progress display (set up by :meth:`run`)."""
+        if self.progress is not None:
+            self.progress.advance(count)
+
     async def run(self) -> CopyStats:
         started = time.monotonic()
         size = self.src.size
@@ -378,7 +383,7 @@ class Copier:
         else:
             await self.dst.zero(count, offset)
             self.stats.zero_bytes += count
-        self.progress.advance(count)  # type: ignore[union-attr]
+        self._advance(count)
 
     async def _copy_piece(self, offset: int, count: int) -> None:
         buf = self.buffers.pop()
@@ -390,7 +395,7 @@ class Copier:
                 return
             await self.dst.write(view, offset)
             self.stats.data_bytes += count
-            self.progress.advance(count)  # type: ignore[union-attr]
+            self._advance(count)
         finally:
             self.buffers.append(buf)
 
@@ -414,7 +419,7 @@ class Copier:
                 for marked in step[context]:
                     if not is_dirty(marked.flags):
                         self.stats.skipped_bytes += marked.length
-                        self.progress.advance(marked.length)  # type: ignore[union-attr]
+                        self._advance(marked.length)
                         continue
                     for ext in _overlap(allocation, marked):
                         yield ext.offset, ext.length, is_zero(ext.flags)
@@ -440,7 +445,7 @@ class Copier:
             view = memoryview(buf)[:n]
             if all_zero(view) and (self.dst.known_zero or self.options.target_is_zero):
                 self.stats.skipped_bytes += n
-                self.progress.advance(n)  # type: ignore[union-attr]
+                self._advance(n)
             elif self.dst.sequential:
                 await self._write_buffer(view, offset)
             else:
@@ -455,7 +460,7 @@ class Copier:
     async def _write_buffer(self, view: memoryview, offset: int) -> None:
         await self.dst.write(view, offset)
         self.stats.data_bytes += len(view)
-        self.progress.advance(len(view))  # type: ignore[union-attr]
+        self._advance(len(view))
 
 
 class OrderedCopier(Copier):
@@ -483,12 +488,12 @@ class OrderedCopier(Copier):
                 if pending is None:
                     await self.dst.write(memoryview(_ZEROS)[:payload], pos)
                     self.stats.zero_bytes += payload
-                    self.progress.advance(payload)  # type: ignore[union-attr]
+                    self._advance(payload)
                     continue
                 await pending
                 await self.dst.write(memoryview(payload), pos)
                 self.stats.data_bytes += len(payload)
-                self.progress.advance(len(payload))  # type: ignore[union-attr]
+                self._advance(len(payload))
             await producer
         finally:
             producer.cancel()

@@ -124,7 +124,8 @@ class ActivatedCommand(_Child, Endpoint):
         if self.proc is not None and self.proc.poll() is not None:
             status = self.proc.returncode
             raise ConnectionRefusedError(f"server command exited with status {status}: {self.description}")
-        return await UnixEndpoint(self.path).open()  # type: ignore[arg-type]
+        assert self.path is not None  # start() set it
+        return await UnixEndpoint(self.path).open()
 
     async def close(self) -> None:
         await self._stop_child()

@@ -7,6 +7,7 @@ def load_commands() -> None:
         bitmaps,
         blockdev,
         blockjobs,
+        copyjob,
         debug,
         exports,
         filters,

@@ -62,7 +62,11 @@ def default_granularity(node: BlockNode) -> int:
 
 def _attach(node: BlockNode, bitmap: NodeBitmap, tran: Transaction) -> None:
     node.dirty_bitmaps[bitmap.name] = bitmap
-    tran.add(abort=lambda: node.dirty_bitmaps.pop(bitmap.name, None))
+
+    def detach() -> None:
+        node.dirty_bitmaps.pop(bitmap.name, None)
+
+    tran.add(abort=detach)
     if bitmap.persistent:
         store = getattr(node, "bitmap_added", None)
         if store is not None:  # qcow2 records it (and marks it IN_USE) when the transaction commits

@@ -1,8 +1,10 @@
 """blockdev-add, blockdev-del, blockdev-create and the node queries.
 
 Each driver has an argument spec (qemu 7.2's names) and an opener; children given inline as
-objects become implicit nodes (``#blockNNN``), children given as strings are existing node-names.
-A failed blockdev-add removes every node it created, so the graph is exactly as before.
+objects become nodes of their own (named ``#blockNNN`` unless they give a node-name) that belong
+to their parent: blockdev-del of the parent deletes them too, unless another parent still uses
+them. Children given as strings are existing node-names. A failed blockdev-add removes every node
+it created, so the graph is exactly as before.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import command
 from pynbd.graph.core import GraphError, GraphUser, filtered_or_cow_child
+from pynbd.graph.io import drained
 from pynbd.jobs.core import Job
 from pynbd.nodes.base import BlockNode
 from pynbd.nodes.file import FileNode
@@ -87,7 +90,6 @@ async def add_node(daemon: Daemon, options: dict, created: list[BlockNode], keyv
     node.node_name = node_name
     daemon.graph.add_node(node)
     created.append(node)
-    node.implicit = not node_name  # type: ignore[attr-defined]
     return node
 
 
@@ -229,17 +231,41 @@ async def blockdev_del(daemon: Daemon, args: dict) -> None:
 
 async def close_and_remove(daemon: Daemon, node: BlockNode) -> None:
     """As qemu's bdrv_close: the driver closes (flushing into its children) before its child links
-    go; implicit children left without a parent then go too."""
+    go. Then, as qemu's reference counting does, each child left without a parent goes too unless
+    the monitor owns it (blockdev-add made it): children defined inline belong to the parent
+    whether or not they were given a node-name, and live on only while another parent uses them."""
     daemon.graph.check_removable(node)
-    children = [link.node for link in node.children.values()]
+    children = list(dict.fromkeys(link.node for link in node.children.values()))
     await node.close()
     daemon.graph.remove_node(node)
     for child in children:
-        if getattr(child, "implicit", False) and not child.parents and child.node_name in daemon.graph.nodes:
+        orphan = not child.parents and daemon.graph.nodes.get(child.node_name) is child
+        if not orphan or child.node_name in daemon.monitor_owned:
+            continue
+        try:
+            await close_and_remove(daemon, child)
+        except GraphError as exc:  # e.g. a job froze one of its links: it stays, named
+            log.warning("keeping node %s: %s", child.node_name, exc)
+
+
+async def release_orphans(daemon: Daemon) -> None:
+    """Close the nodes nobody uses any more and the monitor does not own: as qemu's reference
+    counting frees a node when its last parent lets go, whatever took it away (a mirror's pivot
+    replacing it, a commit or stream dropping backing layers, blockdev-reopen re-pointing a link,
+    the export of an inline child going). Nodes blockdev-add made stay until blockdev-del."""
+    orphans = [
+        node for name, node in daemon.graph.nodes.items() if not node.parents and name not in daemon.monitor_owned
+    ]
+    if not orphans:
+        return
+    async with drained(orphans):
+        for node in orphans:
+            if node.parents or daemon.graph.nodes.get(node.node_name) is not node:
+                continue  # taken along by an orphan closed before it
             try:
-                await close_and_remove(daemon, child)
-            except GraphError as exc:  # e.g. a job froze one of its links: it stays, named
-                log.warning("keeping implicit node %s: %s", child.node_name, exc)
+                await close_and_remove(daemon, node)
+            except GraphError as exc:  # a frozen link: it stays, and says why
+                log.warning("keeping unused node %s: %s", node.node_name, exc)
 
 
 def node_filename(node: BlockNode) -> str:
@@ -256,12 +282,12 @@ def node_filename(node: BlockNode) -> str:
 
 
 def backing_depth(node: BlockNode) -> int:
+    """qemu's ``backing_file_depth``: steps down through backing links and filters (a filter
+    counts as a layer there, for compatibility with when filters sat on ``backing``)."""
     depth, current = 0, node
-    while True:
-        backing = current.child_node("backing")
-        if backing is None:
-            return depth
-        depth, current = depth + 1, backing
+    while (link := current.filter_child() or current.child("backing")) is not None:
+        depth, current = depth + 1, link.node
+    return depth
 
 
 def node_info(node: BlockNode) -> dict:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
-from pynbd.graph.core import filtered_or_cow_child
+from pynbd.graph.core import GraphError, can_replace, filtered_or_cow_child, skip_filters
+from pynbd.graph.reopen import restore, set_read_only
 from pynbd.graph.transaction import Transaction
 from pynbd.jobs.commit import CommitJob
 from pynbd.jobs.copy import ERROR_POLICIES
+from pynbd.jobs.core import JobStatus
 from pynbd.jobs.mirror import MirrorJob
 from pynbd.jobs.stream import StreamJob
-from pynbd.nodes.base import BlockNode
+from pynbd.nodes.base import BlockError, BlockNode
 from pynbd.qmp.protocol import QMPError
+
+log = logging.getLogger("pynbd.daemon")
 
 JOB_COMMON = {"*job-id": "str", "*speed": "uint", "*auto-finalize": "bool", "*auto-dismiss": "bool"}
 
@@ -86,6 +92,8 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
     if base not in below_top:
         raise QMPError(f"'{top.node_name}' is not above base '{base.node_name}'")
     job_id = job_id_of(daemon, args)
+    refuse_second_commit_into(daemon, base)
+    discard_committed = args.get("x-discard-committed", False)
     if top is device:  # active commit: a mirror into the base, then a pivot
         job = MirrorJob(
             job_id,
@@ -97,33 +105,70 @@ async def block_commit(daemon: Daemon, args: dict) -> None:
             on_source_error=args.get("on-error", "report"),
             on_target_error=args.get("on-error", "report"),
             base=base,
+            discard_committed=discard_committed,
             **_job_kwargs(args),
         )
-        await _reopen_base_for(daemon, job, base)
-    else:
-        overlay = next(
-            (n for n in chain[: chain.index(top)] if (lk := filtered_or_cow_child(n)) and lk.node is top), None
-        )
-        job = CommitJob(
-            job_id,
-            daemon.graph,
-            filtered_or_cow_child(overlay),
-            top,
-            base,
-            on_error=args.get("on-error", "report"),
-            discard_committed=args.get("x-discard-committed", False),
-            backing_file=args.get("backing-file"),
-            **_job_kwargs(args),
-        )
-    _start(daemon, job)
+        try:
+            await _reopen_for(daemon, job, base)
+            _start(daemon, job)
+        except BaseException:  # the job never ran: nothing else will put them back
+            await _undo_reopen(daemon, job)
+            raise
+        return
+    overlay = next((n for n in chain[: chain.index(top)] if (lk := filtered_or_cow_child(n)) and lk.node is top), None)
+    job = CommitJob(
+        job_id,
+        daemon.graph,
+        filtered_or_cow_child(overlay),
+        top,
+        base,
+        on_error=args.get("on-error", "report"),
+        discard_committed=discard_committed,
+        backing_file=args.get("backing-file"),
+        **_job_kwargs(args),
+    )
+    await _start_or_restore(daemon, job)
 
 
-async def _reopen_base_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
+def refuse_second_commit_into(daemon: Daemon, base: BlockNode) -> None:
+    """Two commits into one base would both write it: two overlays of a shared layer committing it,
+    or their own data, into the same base. Their chains may share only links that stay unchanged,
+    so the freeze rules let both through; qemu refuses the second with its op blockers. An
+    intermediate commit takes its write permission on the base only once it runs, so without this
+    the second would be accepted and then fail (or, with an active commit, write alongside)."""
+    for other in daemon.jobs.jobs.values():
+        if (
+            isinstance(other, (CommitJob, MirrorJob))
+            and other.base is base
+            and other.status not in (JobStatus.CONCLUDED, JobStatus.NULL)
+        ):
+            raise QMPError(f"Node '{base.node_name}' is busy: job '{other.id}' commits into it")
+
+
+async def _start_or_restore(daemon: Daemon, job: MirrorJob | CommitJob | StreamJob) -> None:
+    """Start a job that reopened a node read-write for itself; if it is refused, the node goes
+    back to read-only, so a refused command leaves nothing changed."""
+    try:
+        _start(daemon, job)
+    except BaseException:
+        await restore(daemon.graph, job.reopened, True)
+        raise
+
+
+async def _reopen_for(daemon: Daemon, job: MirrorJob, base: BlockNode) -> None:
     """Active commit writes the base (read-only as a backing file): reopen it read-write now and,
-    if the job does not pivot to it, read-only again when it ends."""
-    from pynbd.graph.reopen import set_read_only
-
+    if the job does not pivot to it, read-only again when it ends. With hole punching the layers
+    above the base too (read-only again when the job ends, pivot or not)."""
     job.reopened = await set_read_only(daemon.graph, base, False)
+    if job.punch is not None:
+        await job.punch.make_writable()
+
+
+async def _undo_reopen(daemon: Daemon, job: MirrorJob) -> None:
+    if job.punch is not None:
+        await job.punch.restore()
+    if job.reopened:
+        await restore(daemon.graph, job.reopened, True)
 
 
 @command(
@@ -163,7 +208,10 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
         backing_file=args.get("backing-file"),
         **_job_kwargs(args),
     )
-    _start(daemon, job)
+    job.check_links()  # a refusal comes before the top is touched
+    if top.read_only:  # as qemu's stream_start: the top is written, so it is reopened read-write
+        job.reopened = await set_read_only(daemon.graph, top, False)
+    await _start_or_restore(daemon, job)
 
 
 @command(
@@ -184,7 +232,8 @@ async def block_stream(daemon: Daemon, args: dict) -> None:
 )
 async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
     source, target = daemon.node(args["device"]), daemon.node(args["target"])
-    if source is target:
+    replaces = node_to_replace(daemon, source, args["replaces"]) if "replaces" in args else None
+    if skip_filters(source) is skip_filters(target):
         raise QMPError("Can't mirror node into itself")
     if target.parents:
         raise QMPError(f"Node '{target.node_name}' is busy: in use as a target or by a user")
@@ -201,17 +250,35 @@ async def blockdev_mirror(daemon: Daemon, args: dict) -> None:
         filter_node_name=args.get("filter-node-name"),
         on_source_error=args.get("on-source-error", "report"),
         on_target_error=args.get("on-target-error", "report"),
+        replaces=replaces,
+        write_blocking=args.get("copy-mode") == "write-blocking",
         **_job_kwargs(args),
     )
-    if args.get("copy-mode") == "write-blocking":
-        job.top.write_blocking = True
     _start(daemon, job)
 
 
+def node_to_replace(daemon: Daemon, source: BlockNode, name: str) -> BlockNode:
+    """``replaces`` as qemu 7.2 checks it (check_to_replace_node): the node the pivot will replace
+    by the target must be the source or lie below it through filters only. Anything else (an
+    unrelated node, the target, a node under a format driver) would change what its users read
+    at the pivot."""
+    node = daemon.graph.nodes.get(name)
+    if node is None:
+        raise QMPError(f"Failed to find node with node-name='{name}'")
+    if not can_replace(source, node):
+        raise QMPError(
+            f"Cannot replace '{name}' by a node mirrored from '{source.node_name}', because it cannot be "
+            "guaranteed that doing so would not lead to an abrupt change of visible data"
+        )
+    return node
+
+
 @action("blockdev-snapshot", {"node": "str", "overlay": "str"})
-async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction) -> None:
+async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction):
     """Put ``overlay`` (a node without backing) on top of ``node``: it becomes the overlay's
-    backing and every user of ``node`` now uses the overlay."""
+    backing and every user of ``node`` now uses the overlay. Once the whole transaction has
+    committed, ``node`` is reopened read-only, as qemu does: it gives up its write lock, so the
+    image can be checked or copied by other processes while the overlay takes the writes."""
     node, overlay = daemon.node(args["node"]), daemon.node(args["overlay"])
     if "backing" in overlay.children:
         raise QMPError(f"The overlay already has a backing image: '{overlay.node_name}'")
@@ -219,11 +286,21 @@ async def snapshot_action(daemon: Daemon, args: dict, tran: Transaction) -> None
         raise QMPError(f"The overlay '{overlay.node_name}' is already in use")
     if overlay.read_only:
         raise QMPError(f"The overlay '{overlay.node_name}' is not writable")
-    if not hasattr(overlay, "header"):
+    if not overlay.supports_backing:
         raise QMPError(f"The overlay does not support backing images: '{overlay.node_name}'")
     link = daemon.graph.attach_child(overlay, "backing", node)
     tran.add(abort=lambda: daemon.graph.detach(link))
     daemon.graph.replace_node(node, overlay, keep=[link], tran=tran)
+
+    async def old_layer_read_only() -> None:
+        # qemu (external_snapshot_commit) does this after the commit and ignores a failure: the
+        # snapshot itself has been taken either way
+        try:
+            await set_read_only(daemon.graph, node, True, inherits=lambda n: n.node_name not in daemon.monitor_owned)
+        except (BlockError, GraphError, OSError) as exc:
+            log.warning("blockdev-snapshot: %s stays read-write: %s", node.node_name, exc)
+
+    return None if node.read_only else old_layer_read_only
 
 
 command_from_action("blockdev-snapshot")

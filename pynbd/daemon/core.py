@@ -44,7 +44,7 @@ class Monitor:
 
     def release(self) -> None:
         for link in reversed(self.frozen_links):
-            link.unfreeze()
+            link.unfreeze(self.name)
         self.frozen_links.clear()
 
 
@@ -58,7 +58,7 @@ class Daemon:
         self.monitor_owned: set[str] = set()  # node-names added by blockdev-add (deletable)
         # one command at a time, across all monitors (FIFO); jobs take it for their graph changes
         self.command_lock = asyncio.Lock()
-        self.jobs = JobManager(emit=self.emit, graph_lock=self.command_lock)
+        self.jobs = JobManager(emit=self.emit, graph_lock=self.command_lock, after_graph_change=self.release_orphans)
         self._listeners: list[Callable[[str, dict], None]] = []
         self.quit = asyncio.Event()
         self.caller: Monitor | None = None  # the monitor whose command runs (None: the command line)
@@ -87,6 +87,17 @@ class Daemon:
                 return await self._execute(name, arguments, keyval)
             finally:
                 self.caller = None
+                await self.release_orphans()
+
+    async def release_orphans(self) -> None:
+        """Close the nodes a command or a job's end left without any user that the monitor does
+        not own (pynbd.daemon.blockdev.release_orphans); a failure is logged, never raised."""
+        from pynbd.daemon.blockdev import release_orphans  # local: blockdev imports core
+
+        try:
+            await release_orphans(self)
+        except Exception:
+            log.exception("closing nodes nobody uses failed")
 
     async def _execute(self, name: str, arguments: Any, keyval: bool) -> Any:
         cmd = COMMANDS.get(name)

@@ -1,8 +1,9 @@
 """pynbd's own debugging commands (``x-pynbd-*``): not in qemu, for tests and diagnosis.
 
 ``x-pynbd-freeze-link`` / ``x-pynbd-unfreeze-link`` hold a child link frozen the way a job does.
-qemu freezes with a flag, so two holders cannot share a link; pynbd counts holders, and these
-commands make that counter reachable over QMP. A hold belongs to the monitor that took it: only
+qemu freezes with a flag, so two holders cannot share a link; pynbd lets holders that need the
+link unchanged share it, and these commands make that reachable over QMP (a link a job will
+change on completion cannot be held). A hold belongs to the monitor that took it: only
 that monitor can drop it, and it goes when that monitor disconnects, so a client can neither pull
 a running job's freeze from under it nor leave a link frozen behind it.
 """
@@ -35,7 +36,7 @@ def calling_monitor(daemon: Daemon, command_name: str) -> Monitor:
 async def freeze_link(daemon: Daemon, args: dict) -> dict:
     monitor = calling_monitor(daemon, "x-pynbd-freeze-link")
     link = find_link(daemon, args)
-    link.freeze()
+    link.freeze(monitor.name)  # a hold that needs the link unchanged: refused if a job will change it
     monitor.frozen_links.append(link)
     return {"freeze-count": link.freeze_count}
 
@@ -52,5 +53,5 @@ async def unfreeze_link(daemon: Daemon, args: dict) -> dict:
             )
         raise QMPError(f"Link '{args['child']}' of node '{args['node-name']}' is not frozen")
     monitor.frozen_links.remove(link)
-    link.unfreeze()
+    link.unfreeze(monitor.name)
     return {"freeze-count": link.freeze_count}

@@ -13,7 +13,7 @@ from typing import Any
 
 from pynbd.daemon.blockdev import SOCKET_ADDRESS
 from pynbd.daemon.core import Daemon
-from pynbd.daemon.objects import tls_server_context
+from pynbd.daemon.objects import NO_IOTHREADS, tls_server_context
 from pynbd.daemon.open import nbd_export_perm
 from pynbd.daemon.registry import command
 from pynbd.graph.core import ChildLink, GraphUser
@@ -136,6 +136,10 @@ async def block_export_add(daemon: Daemon, args: dict) -> None:
 async def add_export(daemon: Daemon, args: dict) -> DaemonExport:
     if args["type"] != "nbd":
         raise QMPError(f"Export type '{args['type']}' is not supported")
+    if "iothread" in args:
+        raise QMPError(f"Parameter 'iothread' is not supported: {NO_IOTHREADS}")
+    if args.get("fixed-iothread"):
+        raise QMPError(f"Parameter 'fixed-iothread' is not supported: {NO_IOTHREADS}")
     if daemon.nbd_server is None:
         raise QMPError("NBD server not running")
     export_id = args["id"]

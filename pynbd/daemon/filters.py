@@ -21,7 +21,13 @@ async def open_cor(daemon: Daemon, options: dict, created: list[BlockNode]) -> B
     bottom = daemon.node(options["bottom"]) if "bottom" in options else None
     if bottom is not None and not any(link.node is bottom for link in chain_links(file, None)) and bottom is not file:
         raise QMPError(f"'{bottom.node_name}' is not in the backing chain of '{file.node_name}'")
-    node = CopyOnReadNode(bottom=bottom, track_copied=options.get("x-track-copied", False))
+    track_copied = options.get("x-track-copied", False)
+    if track_copied and not file.can_unallocate:
+        raise QMPError(
+            f"x-track-copied needs a top that can give clusters back to its backing (qcow2): "
+            f"{file.describe()} cannot give clusters back"
+        )
+    node = CopyOnReadNode(bottom=bottom, track_copied=track_copied)
     node.node_name = options.get("node-name") or daemon.graph.auto_name()
     daemon.graph.attach_child(node, "file", file)
     return node
@@ -29,10 +35,13 @@ async def open_cor(daemon: Daemon, options: dict, created: list[BlockNode]) -> B
 
 @command("x-copy-on-read-release", {"node-name": "str"})
 async def cor_release(daemon: Daemon, args: dict) -> dict:
-    """pynbd extension: discard, in the top, what a copy-on-read filter only ever copied up."""
+    """pynbd extension: give back, in the top, what a copy-on-read filter copied up and nobody
+    changed since (pynbd/nodes/cor.py says exactly which clusters)."""
     node = daemon.node(args["node-name"])
     if not isinstance(node, CopyOnReadNode):
         raise QMPError(f"Node '{node.node_name}' is not a copy-on-read filter")
+    if not node.track_copied:
+        raise QMPError(f"Copy-on-read node '{node.node_name}' was not opened with x-track-copied")
     return {"released": await node.release_copied()}
 
 

@@ -40,6 +40,12 @@ async def open_cbw(daemon: Daemon, options: dict, created: list[BlockNode]) -> B
     node = CopyBeforeWriteNode(on_cbw_error=options.get("on-cbw-error", "break-guest-write"), access=access)
     node.node_name = options.get("node-name") or daemon.graph.auto_name()
     file = await child_node(daemon, options["file"], created)
+    if access is not None and access.size != file.size:  # e.g. a bitmap of a smaller backing node
+        raise QMPError(
+            f"Cannot create block-copy-state: Failed to merge bitmap '{options['bitmap']['name']}' to internal "
+            f"copy-bitmap: Bitmaps are of different sizes (destination size is {file.size}, source size is "
+            f"{access.size}) and can't be merged"
+        )
     target = await child_node(daemon, options["target"], created)
     links = [daemon.graph.attach_child(node, "file", file)]
     try:

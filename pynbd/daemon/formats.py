@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import logging
 
-from pynbd.daemon.blockdev import CHILD, child_node, creator, driver, node_filename
+from pynbd.daemon.blockdev import CHILD, backing_depth, child_node, creator, driver, node_filename
 from pynbd.daemon.core import Daemon
-from pynbd.daemon.open import open_backing_chain
+from pynbd.daemon.open import MAX_BACKING_CHAIN, BackingChainTooDeep, backing_level, open_backing_chain
 from pynbd.graph.core import GraphUser
 from pynbd.graph.perms import ALL, Perm
 from pynbd.nodes.base import BlockError, BlockNode
@@ -53,25 +53,21 @@ QCOW2_SPEC = {
 async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) -> BlockNode:
     file = await child_node(daemon, options["file"], created)
     read_only = options.get("read-only", False)
-    try:
-        header = await read_header(file)
-        if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
-            header = await _repair_dirty(daemon, file)
-    except FormatError as exc:
-        raise QMPError(f"Image is not in qcow2 format: {exc}") from None
+    # A FormatError (a BlockError, EINVAL unless it says otherwise) says what is wrong in qemu's
+    # words; the daemon answers it as a QMP error, the tools as "Could not open".
+    header = await read_header(file)
+    if not read_only and header.incompatible_features & INCOMPAT_DIRTY:
+        header = await _repair_dirty(daemon, file)
     l2_cache_size, refcount_cache_size = cache_sizes(options, header)
-    try:
-        node = await Qcow2Node.open(
-            file,
-            header=header,
-            read_only=read_only,
-            filename=node_filename(file),
-            defer_activation=True,
-            l2_cache_size=l2_cache_size,
-            refcount_cache_size=refcount_cache_size,
-        )
-    except FormatError as exc:
-        raise QMPError(f"Image is not in qcow2 format: {exc}") from None
+    node = await Qcow2Node.open(
+        file,
+        header=header,
+        read_only=read_only,
+        filename=node_filename(file),
+        defer_activation=True,
+        l2_cache_size=l2_cache_size,
+        refcount_cache_size=refcount_cache_size,
+    )
     node.node_name = options.get("node-name") or daemon.graph.auto_name()
     try:
         daemon.graph.attach_child(node, "file", file)  # permissions and locks first ...
@@ -80,8 +76,13 @@ async def open_qcow2(daemon: Daemon, options: dict, created: list[BlockNode]) ->
             backing = await open_backing_chain(daemon, header, file, created)
         elif options["backing"] is None:
             backing = None
+        elif isinstance(options["backing"], str):  # an existing node: its chain is already open
+            backing = daemon.node(options["backing"])
+            if backing_depth(backing) >= MAX_BACKING_CHAIN:
+                raise BackingChainTooDeep(options["backing"])
         else:
-            backing = await child_node(daemon, options["backing"], created)
+            async with backing_level(node.node_name):
+                backing = await child_node(daemon, options["backing"], created)
         if backing is not None:
             daemon.graph.attach_child(node, "backing", backing)
     except BaseException:

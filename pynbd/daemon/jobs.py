@@ -3,9 +3,11 @@ and the block-job-* / job-* verbs."""
 
 from __future__ import annotations
 
+from pynbd.bitmap import NodeBitmap
 from pynbd.daemon.blockjobs import job_id_of
 from pynbd.daemon.core import Daemon
 from pynbd.daemon.registry import action, command, command_from_action
+from pynbd.graph.core import GraphUser
 from pynbd.graph.transaction import Transaction
 from pynbd.jobs.backup import SYNC_MODES, BackupJob
 from pynbd.jobs.copy import ERROR_POLICIES
@@ -35,19 +37,15 @@ def refuse_job_node(daemon: Daemon, node: BlockNode) -> None:
     """As qemu's op blockers: a node a block job works on (its filter, its target) cannot be the
     source or target of a backup. (Nodes further up or down the chain can.)"""
     for link in node.parents:
-        if link.is_root and link.parent.kind == "block-job":
+        if isinstance(link.parent, GraphUser) and link.parent.kind == "block-job":
             job = daemon.jobs.jobs.get(link.parent.name)
             what = job.job_type if job is not None else link.parent.description
             raise QMPError(f"Node '{node.node_name}' is busy: block device is in use by block job: {what}")
 
 
-@action("blockdev-backup", BACKUP_SPEC)
-async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
-    source = daemon.node(args["device"])
-    target = daemon.node(args["target"])
-    refuse_job_node(daemon, source)
-    refuse_job_node(daemon, target)
-    job_id = job_id_of(daemon, args)
+def sync_bitmap(source: BlockNode, args: dict) -> tuple[NodeBitmap | None, str | None]:
+    """The ``bitmap`` and ``bitmap-mode`` of a backup's arguments, checked against ``sync`` as
+    qemu's blockdev-backup checks them (incremental implies on-success)."""
     sync, bitmap = args["sync"], None
     mode = args.get("bitmap-mode")
     if "bitmap" in args:
@@ -68,6 +66,32 @@ async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
         raise QMPError(f"must provide a valid bitmap name for '{sync}' sync mode")
     elif mode is not None:
         raise QMPError("Cannot specify bitmap sync mode without a bitmap")
+    return bitmap, mode
+
+
+def start_in_transaction(daemon: Daemon, job: Job, tran: Transaction):
+    """Install ``job`` in ``tran`` and create it now, as qemu does while preparing, so that a later
+    action of the same transaction finds its id taken; if the transaction fails the job goes away
+    (with qemu's events) unstarted. Returns the action's follow-up, which starts it."""
+    job.install(tran)
+    daemon.jobs.create(job)
+    tran.add(abort=lambda: daemon.jobs.discard(job))
+
+    async def start() -> None:
+        daemon.jobs.start(job)
+
+    return start
+
+
+@action("blockdev-backup", BACKUP_SPEC)
+async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
+    source = daemon.node(args["device"])
+    target = daemon.node(args["target"])
+    refuse_job_node(daemon, source)
+    refuse_job_node(daemon, target)
+    job_id = job_id_of(daemon, args)
+    sync = args["sync"]
+    bitmap, mode = sync_bitmap(source, args)
     if args.get("compress"):
         raise QMPError("Compression is not supported for this drive")
     if args.get("filter-node-name") in daemon.graph.nodes:
@@ -87,16 +111,7 @@ async def backup_action(daemon: Daemon, args: dict, tran: Transaction):
         auto_dismiss=args.get("auto-dismiss", True),
         speed=args.get("speed", 0),
     )
-    job.install(tran)
-    # created now, as qemu does while preparing, so that a later action of the same transaction
-    # finds its id taken; if the transaction fails the job goes away (with qemu's events) unstarted
-    daemon.jobs.create(job)
-    tran.add(abort=lambda: daemon.jobs.discard(job))
-
-    async def start() -> None:
-        daemon.jobs.start(job)
-
-    return start
+    return start_in_transaction(daemon, job, tran)
 
 
 command_from_action("blockdev-backup")

@@ -11,6 +11,10 @@ from pynbd.qmp.protocol import QMPError
 from pynbd.qmp.schema import check
 from pynbd.tls import TLSConfigError, client_context, server_context
 
+#: Why iothread options and objects are refused rather than accepted and ignored: every request
+#: runs in the daemon's one event loop (no multiqueue yet), so there is nothing to put an export in.
+NO_IOTHREADS = "pynbd has no iothreads, every export and node runs in the daemon's main loop"
+
 TLS_X509_SPEC = {
     "qom-type": "str",
     "id": "str",
@@ -44,6 +48,8 @@ class TLSCredsX509:
 @command("object-add")
 async def object_add(daemon: Daemon, args: dict, keyval: bool = False) -> None:
     kind = args.get("qom-type")
+    if kind == "iothread":
+        raise QMPError(f"Object type 'iothread' is not supported: {NO_IOTHREADS}")
     if kind != "tls-creds-x509":
         raise QMPError("Invalid parameter 'qom-type'" if kind is None else f"Object type '{kind}' is not supported")
     options = check(TLS_X509_SPEC, args, keyval=keyval)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -42,6 +44,14 @@ CONVERT_SOURCE_SHARED = ALL & ~(Perm.WRITE | Perm.RESIZE)
 
 #: (device, inode) of the images whose backing chains are being opened, top first.
 _CHAIN_ABOVE: ContextVar[tuple[tuple[int, int], ...]] = ContextVar("pynbd_backing_chain_above", default=())
+#: How many backing files are being opened above this one (header chains and inline definitions).
+_CHAIN_DEPTH: ContextVar[int] = ContextVar("pynbd_backing_chain_depth", default=0)
+
+#: The most backing files one image may have below it. qemu has no limit (it opens thousands, if
+#: the file descriptors last); pynbd opens a chain and serves requests through it by recursion,
+#: a few Python frames a layer, and this keeps both far from Python's recursion limit (with the
+#: graph's own limit, pynbd.graph.core.MAX_GRAPH_DEPTH, above it for filters and exports).
+MAX_BACKING_CHAIN = 128
 
 
 def nbd_export_perm(writable: bool) -> tuple[Perm, Perm]:
@@ -113,10 +123,16 @@ async def open_backing_chain(daemon: Daemon, header, file: BlockNode, created: l
     fmt = header.backing_format or probe_format(path)
     if fmt not in FORMATS:
         raise QMPError(f"Could not open backing file: Unknown driver '{fmt}'")
-    options: dict = {"driver": fmt, "read-only": True, "file": {"driver": "file", "filename": path, "read-only": True}}
+    # discard=unmap: qemu's default for every layer below the one the user opened (block.c,
+    # bdrv_inherited_options): a commit that gives clusters back gives the file space back too
+    file = {"driver": "file", "filename": path, "read-only": True, "discard": "unmap"}
+    options: dict = {"driver": fmt, "read-only": True, "discard": "unmap", "file": file}
     token = _CHAIN_ABOVE.set(above)
     try:
-        return await add_node(daemon, options, created)
+        async with backing_level(path):
+            return await add_node(daemon, options, created)
+    except BackingChainTooDeep:
+        raise  # said once, not once per level
     except ImageLocked as exc:
         raise ImageLocked(f"Could not open backing file: {exc}", exc.hint) from None
     except BlockError as exc:
@@ -125,6 +141,32 @@ async def open_backing_chain(daemon: Daemon, header, file: BlockNode, created: l
         raise QMPError(f"Could not open backing file: {exc}") from None
     finally:
         _CHAIN_ABOVE.reset(token)
+
+
+class BackingChainTooDeep(BlockError):
+    """A backing chain deeper than MAX_BACKING_CHAIN (ELOOP, as a loop)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            errno.ELOOP,
+            f"Could not open backing file: Backing file '{name}' is more than {MAX_BACKING_CHAIN} "
+            "backing files deep (pynbd's limit)",
+        )
+
+
+@asynccontextmanager
+async def backing_level(name: str) -> AsyncIterator[None]:
+    """Opening one more backing file below the images being opened: refused with ELOOP past
+    MAX_BACKING_CHAIN levels (as a loop is), whether the chain comes from image headers or from
+    inline blockdev definitions, before the recursion could go deeper."""
+    depth = _CHAIN_DEPTH.get() + 1
+    if depth > MAX_BACKING_CHAIN:
+        raise BackingChainTooDeep(name)
+    token = _CHAIN_DEPTH.set(depth)
+    try:
+        yield
+    finally:
+        _CHAIN_DEPTH.reset(token)
 
 
 @dataclass

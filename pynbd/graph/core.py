@@ -9,6 +9,7 @@ Drivers never edit links; they only say what they take from a child (``BlockNode
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -57,7 +58,7 @@ class GraphUser:
                 return link
         raise GraphError(f"{self.description} does not use node {node.node_name!r}")
 
-    def busy(self):
+    def busy(self) -> contextlib.AbstractAsyncContextManager[None]:
         """A section of work that drains wait for as a whole (pynbd.graph.io.busy_section)."""
         return busy_section(self)
 
@@ -76,7 +77,11 @@ class ChildLink(RequestGate):
         self.role = role
         self.perm = perm
         self.shared = shared
-        self.freeze_count = 0
+        #: who holds this link frozen, one entry per freeze ("job 'c'", "QMP client 2")
+        self.holders: list[str] = []
+        #: the holder that will change this link itself when it lets go (a job re-pointing or
+        #: dropping a backing link at its completion), if any
+        self.changer: str | None = None
         self.queues = isinstance(parent, GraphUser) and parent.queues_requests
 
     @property
@@ -85,21 +90,53 @@ class ChildLink(RequestGate):
 
     @property
     def frozen(self) -> bool:
-        return self.freeze_count > 0
+        return bool(self.holders)
 
-    def freeze(self) -> None:
-        """Forbid removing or re-pointing this link until as many :meth:`unfreeze` calls."""
-        self.freeze_count += 1
+    @property
+    def freeze_count(self) -> int:
+        return len(self.holders)
 
-    def unfreeze(self) -> None:
-        if self.freeze_count <= 0:
-            raise GraphError(f"link {self.describe()} is not frozen")
-        self.freeze_count -= 1
+    def check_freeze(self, owner: str, changes: bool = False) -> None:
+        """Raise FrozenLinkError unless ``owner`` may freeze this link (see :meth:`freeze`)."""
+        if self.changer is not None and self.changer != owner:
+            raise FrozenLinkError(f"Cannot freeze {self.ends()} for {owner}: it is being changed by {self.changer}")
+        others = [holder for holder in dict.fromkeys(self.holders) if holder != owner]
+        if changes and others:
+            raise FrozenLinkError(f"Cannot change {self.ends()} for {owner}: it is frozen by {' and '.join(others)}")
+
+    def freeze(self, owner: str, changes: bool = False) -> None:
+        """Forbid removing or re-pointing this link until ``owner`` calls :meth:`unfreeze`.
+
+        Holders that need the link *unchanged* share it, each with a freeze of its own. A holder
+        that will change the link itself when it lets go (``changes``) must be the only one:
+        it is refused while anyone else holds the link, and while it holds it nobody else may
+        freeze it. So two jobs can never both be accepted and then collide at completion."""
+        self.check_freeze(owner, changes)
+        self.holders.append(owner)
+        if changes:
+            self.changer = owner
+
+    def unfreeze(self, owner: str) -> None:
+        if owner not in self.holders:
+            raise GraphError(f"link {self.describe()} is not frozen by {owner}")
+        self.holders.remove(owner)
+        if self.changer == owner and owner not in self.holders:
+            self.changer = None
+
+    def ends(self) -> str:
+        """qemu's words for the link: 'backing' link from 'top' to 'mid'."""
+        return f"'{self.name}' link from '{_parent_name(self)}' to '{self.node.node_name}'"
+
+    def frozen_error(self) -> FrozenLinkError:
+        """The refusal of a change to this link while it is frozen, naming who holds it."""
+        holders = " and ".join(dict.fromkeys(self.holders))
+        return FrozenLinkError(f"Cannot change frozen {self.ends()}: it is frozen by {holders}")
 
     def describe(self) -> str:
-        if self.is_root:
-            return f"{self.parent.description} (using node {self.node.node_name!r})"
-        return f"node {self.parent.node_name!r} (its {self.name!r} child {self.node.node_name!r})"
+        parent = self.parent
+        if isinstance(parent, GraphUser):
+            return f"{parent.description} (using node {self.node.node_name!r})"
+        return f"node {parent.node_name!r} (its {self.name!r} child {self.node.node_name!r})"
 
     def __repr__(self) -> str:
         return f"ChildLink({self.describe()})"
@@ -107,7 +144,7 @@ class ChildLink(RequestGate):
 
 def parent_nodes(node: BlockNode) -> Iterator[BlockNode]:
     for link in node.parents:
-        if not link.is_root:
+        if isinstance(link.parent, BlockNode):
             yield link.parent
 
 
@@ -124,12 +161,89 @@ def descendants(node: BlockNode) -> Iterator[BlockNode]:
         stack.extend(link.node for link in current.children.values())
 
 
+#: The longest path of links from a root user down to a leaf node. Requests recurse down every
+#: link (a filter passes them on, a qcow2 node reads what it lacks through its backing link), a
+#: few Python frames a link, so an unbounded graph would end in RecursionError; this limit keeps
+#: the deepest request well within Python's default recursion limit (1000 frames), with room for
+#: the server's own frames. qemu has no such limit. Image chains stop earlier, at
+#: pynbd.daemon.open.MAX_BACKING_CHAIN, leaving room for filters and jobs above them.
+MAX_GRAPH_DEPTH = 200
+
+
+def _height(node: BlockNode) -> int:
+    """Links on the longest path from ``node`` down to a leaf (iterative: graphs may be deep)."""
+    heights: dict[int, int] = {}
+    stack: list[tuple[BlockNode, bool]] = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if id(current) in heights:
+            continue
+        children = [link.node for link in current.children.values()]
+        if expanded:
+            heights[id(current)] = max((heights[id(child)] + 1 for child in children), default=0)
+            continue
+        stack.append((current, True))
+        stack.extend((child, False) for child in children if id(child) not in heights)
+    return heights[id(node)]
+
+
+def _depth(node: BlockNode) -> int:
+    """Links on the longest path from a root user (or a parentless node) down to ``node``."""
+    depths: dict[int, int] = {}
+    stack: list[tuple[BlockNode, bool]] = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if id(current) in depths:
+            continue
+        parents = list(current.parents)
+        if expanded:
+            depths[id(current)] = max(
+                (1 if link.is_root else depths[id(link.parent)] + 1 for link in parents), default=0
+            )
+            continue
+        stack.append((current, True))
+        above = (link.parent for link in parents if isinstance(link.parent, BlockNode))
+        stack.extend((parent, False) for parent in above if id(parent) not in depths)
+    return depths[id(node)]
+
+
+def check_depth(parent_depth: int, child: BlockNode, what: str) -> None:
+    """Refuse a link whose parent is ``parent_depth`` links below a root and whose child has the
+    given graph below it, if the graph would grow deeper than MAX_GRAPH_DEPTH."""
+    if parent_depth + 1 + _height(child) > MAX_GRAPH_DEPTH:
+        raise GraphError(f"{what} would make the block graph more than {MAX_GRAPH_DEPTH} links deep (pynbd's limit)")
+
+
 def filtered_or_cow_child(node: BlockNode) -> ChildLink | None:
     """One step down "the backing chain": through a filter's child or a COW (backing) link."""
     for link in node.children.values():
         if link.role & (Role.FILTERED | Role.COW):
             return link
     return None
+
+
+def filters_below(node: BlockNode) -> Iterator[BlockNode]:
+    """The node, then each node below it through filter links only (qemu's bdrv_filter_bs
+    steps), down to the first node that is not a filter."""
+    while True:
+        yield node
+        link = node.filter_child()
+        if link is None:
+            return
+        node = link.node
+
+
+def skip_filters(node: BlockNode) -> BlockNode:
+    """The first node at or below ``node`` that is not a filter (qemu's bdrv_skip_filters)."""
+    *_, last = filters_below(node)
+    return last
+
+
+def can_replace(source: BlockNode, node: BlockNode) -> bool:
+    """Whether a copy of ``source`` may stand in for ``node`` (qemu's bdrv_recurse_can_replace):
+    only if ``node`` is ``source`` or lies below it through filters only, so that both show the
+    same data and replacing it changes nothing anyone reads."""
+    return any(n is node for n in filters_below(source))
 
 
 def chain_links(top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
@@ -194,7 +308,7 @@ class BlockGraph:
             raise GraphError(f"Node '{node.node_name}' is busy: in use by {users}")
         frozen = [link for link in node.children.values() if link.frozen]
         if frozen:
-            raise FrozenLinkError(f"Cannot remove node '{node.node_name}': link {frozen[0].describe()} is frozen")
+            raise FrozenLinkError(f"Cannot remove node '{node.node_name}': {frozen[0].frozen_error()}")
 
     # -- links ----------------------------------------------------------------------------------
 
@@ -206,6 +320,7 @@ class BlockGraph:
             raise GraphError(f"node {parent.node_name!r} already has a {name!r} child")
         if any(n is parent for n in descendants(child)):
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
+        check_depth(_depth(parent), child, f"making {child.node_name!r} a child of {parent.node_name!r}")
         link = ChildLink(parent, name, child, role, NONE, ALL)
         with Transaction() as tran:
             self._link(tran, link)
@@ -214,6 +329,7 @@ class BlockGraph:
 
     def attach_user(self, user: GraphUser, child: BlockNode, perm: Perm, shared: Perm) -> ChildLink:
         """A root user (export, job) starts using ``child`` with the given permissions."""
+        check_depth(0, child, f"{user.description} using node {child.node_name!r}")
         link = ChildLink(user, user.name, child, Role(0), perm, shared)
         with Transaction() as tran:
             self._link(tran, link)
@@ -222,7 +338,7 @@ class BlockGraph:
 
     def detach(self, link: ChildLink) -> None:
         if link.frozen:
-            raise FrozenLinkError(f"Cannot remove frozen link {link.describe()}")
+            raise link.frozen_error()
         with Transaction() as tran:
             self._unlink(tran, link)
             self.refresh_perms(tran, [link.node])
@@ -238,11 +354,11 @@ class BlockGraph:
     def replace_child(self, link: ChildLink, new_child: BlockNode, tran: Transaction | None = None) -> None:
         """Re-point one link at another node."""
         if link.frozen:
-            raise FrozenLinkError(
-                f"Cannot change frozen '{link.name}' link from '{_parent_name(link)}' to '{link.node.node_name}'"
-            )
+            raise link.frozen_error()
         if not link.is_root and any(n is link.parent for n in descendants(new_child)):
             raise GraphError(f"re-pointing {link.describe()} to {new_child.node_name!r} would create a cycle")
+        parent_depth = _depth(link.parent) if isinstance(link.parent, BlockNode) else 0
+        check_depth(parent_depth, new_child, f"re-pointing {link.describe()} to {new_child.node_name!r}")
         with _within(tran) as tran:
             old_child = link.node
             self._repoint(tran, link, new_child)
@@ -256,13 +372,16 @@ class BlockGraph:
         if (link.node if link is not None else None) is child:
             return  # already so (including "no such child" asked to stay absent)
         if link is not None and link.frozen:
-            raise FrozenLinkError(f"Cannot change frozen '{name}' link of '{parent.node_name}'")
+            raise link.frozen_error()
         if child is not None and any(n is parent for n in descendants(child)):
             raise GraphError(f"making {child.node_name!r} a child of {parent.node_name!r} would create a cycle")
-        if link is None:
+        if child is not None:
+            check_depth(_depth(parent), child, f"making {child.node_name!r} a child of {parent.node_name!r}")
+        if child is None:
+            if link is not None:  # (no link and no child returned above)
+                self._unlink(tran, link)
+        elif link is None:
             self._link(tran, ChildLink(parent, name, child, parent.child_role(name), NONE, ALL))
-        elif child is None:
-            self._unlink(tran, link)
         else:
             self._repoint(tran, link, child)
 
@@ -282,7 +401,10 @@ class BlockGraph:
         ]
         frozen = [link for link in moving if link.frozen]
         if frozen:
-            raise FrozenLinkError(f"Cannot change frozen link {frozen[0].describe()}")
+            raise frozen[0].frozen_error()
+        if moving:
+            deepest = max(_depth(link.parent) if isinstance(link.parent, BlockNode) else 0 for link in moving)
+            check_depth(deepest, new, f"putting {new.node_name!r} in place of {old.node_name!r}")
         with _within(tran) as tran:
             for link in moving:
                 self._repoint(tran, link, new)
@@ -294,12 +416,16 @@ class BlockGraph:
         """Add ``filt`` (a job's filter) with ``below`` as its ``file`` and ``others`` as further
         children, and move every user of ``below`` to it; all undone if ``tran`` aborts."""
         self.add_node(filt)
-        tran.add(abort=lambda: self.nodes.pop(filt.node_name, None))
+
+        def forget_filter() -> None:
+            self.nodes.pop(filt.node_name, None)
+
+        tran.add(abort=forget_filter)
         link = self.attach_child(filt, "file", below)
         tran.add(abort=lambda: self.detach(link))
         for name, child in others.items():
             extra = self.attach_child(filt, name, child)
-            tran.add(abort=lambda lk=extra: self.detach(lk))
+            tran.add(abort=functools.partial(self.detach, extra))
         self.replace_node(below, filt, keep=[link], tran=tran)
         return link
 
@@ -318,30 +444,44 @@ class BlockGraph:
 
     # -- freezing -------------------------------------------------------------------------------
 
-    def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> list[ChildLink]:
-        """Freeze the filter/COW links from ``top`` down to ``base``; several holders may freeze
-        the same link (a counter, not a flag). Returns the links for :meth:`unfreeze_links`."""
-        links = chain_links(top, base)
+    def freeze_chain(
+        self, top: BlockNode, base: BlockNode | None, owner: str, changes: Iterable[ChildLink] = ()
+    ) -> list[ChildLink]:
+        """Freeze the filter/COW links from ``top`` down to ``base`` for ``owner``
+        (:meth:`freeze_links`). Returns the links for :meth:`unfreeze_links`."""
+        return self.freeze_links(chain_links(top, base), owner, changes)
+
+    def freeze_links(self, links: list[ChildLink], owner: str, changes: Iterable[ChildLink] = ()) -> list[ChildLink]:
+        """Freeze ``links`` for ``owner``, all or none: ``changes`` are those it will change
+        itself when it lets go (ChildLink.freeze). Returns the links for :meth:`unfreeze_links`."""
+        self.check_freeze(links, owner, changes)
+        changing = {id(link) for link in changes}
+        for link in links:
+            link.freeze(owner, changes=id(link) in changing)
+        return list(links)
+
+    def check_freeze(self, links: Iterable[ChildLink], owner: str, changes: Iterable[ChildLink] = ()) -> None:
+        """Raise FrozenLinkError unless :meth:`freeze_links` would succeed (changes nothing)."""
+        changing = {id(link) for link in changes}
         for link in links:
             self.check_freezable(link)
-        for link in links:
-            link.freeze()
-        return links
+            link.check_freeze(owner, changes=id(link) in changing)
 
     @staticmethod
     def check_freezable(link: ChildLink, job_id: str | None = None) -> None:
         """Refuse to freeze a link of another job's filter: that job must be able to remove it."""
-        for node in (link.node, None if link.is_root else link.parent):
+        parent = link.parent if isinstance(link.parent, BlockNode) else None
+        for node in (link.node, parent):
             owner = node.owner_job if node is not None else None
-            if owner is not None and owner != job_id:
+            if node is not None and owner is not None and owner != job_id:
                 raise FrozenLinkError(
                     f"Cannot freeze link {link.describe()}: node '{node.node_name}' is the filter of job '{owner}'"
                 )
 
     @staticmethod
-    def unfreeze_links(links: Iterable[ChildLink]) -> None:
+    def unfreeze_links(links: Iterable[ChildLink], owner: str) -> None:
         for link in links:
-            link.unfreeze()
+            link.unfreeze(owner)
 
     # -- permissions ----------------------------------------------------------------------------
 
@@ -371,22 +511,23 @@ class BlockGraph:
                 raise PermissionConflict(f"Block node '{node.node_name}' is read-only (write wanted by {users})")
             old_node = (node.perm, node.shared)
             node.perm, node.shared = cumulative, shared
-            tran.add(abort=lambda n=node, o=old_node: _set_node(n, *o))
+            tran.add(abort=functools.partial(_set_node, node, *old_node))
             node.set_perm(tran, cumulative, shared)
             for link in node.children.values():
                 old = (link.perm, link.shared)
                 link.perm, link.shared = node.child_perm(link, cumulative, shared)
                 if link.node.force_share:  # qemu's bdrv_child_perm: a force-share child is shared whole
                     link.shared = ALL
-                tran.add(abort=lambda lk=link, o=old: _set(lk, *o))
+                tran.add(abort=functools.partial(_set, link, *old))
 
     # -- primitive edits (undoable) -------------------------------------------------------------
 
     def _link(self, tran: Transaction, link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.append(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.append(link)
         else:
-            link.parent.children[link.name] = link
+            parent.children[link.name] = link
         link.node.parents.append(link)
         tran.add(abort=lambda: self._raw_unlink(link))
 
@@ -409,28 +550,31 @@ class BlockGraph:
 
     @staticmethod
     def _raw_link(link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.append(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.append(link)
         else:
-            link.parent.children[link.name] = link
+            parent.children[link.name] = link
         link.node.parents.append(link)
 
     @staticmethod
     def _raw_unlink(link: ChildLink) -> None:
-        if link.is_root:
-            link.parent.links.remove(link)
+        parent = link.parent
+        if isinstance(parent, GraphUser):
+            parent.links.remove(link)
         else:
-            del link.parent.children[link.name]
+            del parent.children[link.name]
         link.node.parents.remove(link)
 
     # -- introspection --------------------------------------------------------------------------
 
-    def debug_graph(self, users: Iterable[GraphUser] = ()) -> dict:
+    def debug_graph(self, users: Iterable[GraphUser] = ()) -> dict[str, list[dict[str, object]]]:
         """The shape of qemu's ``x-debug-query-block-graph``."""
         ids: dict[int, int] = {}
-        nodes, edges = [], []
+        nodes: list[dict[str, object]] = []
+        edges: list[dict[str, object]] = []
 
-        def node_id(obj) -> int:
+        def node_id(obj: object) -> int:
             if id(obj) not in ids:
                 ids[id(obj)] = len(ids) + 1
             return ids[id(obj)]
@@ -439,7 +583,8 @@ class BlockGraph:
             nodes.append({"id": node_id(user), "type": user.kind, "name": user.name})
         for node in self.nodes.values():
             nodes.append({"id": node_id(node), "type": "block-driver", "name": node.node_name})
-        for owner in [*users, *self.nodes.values()]:
+        owners: list[GraphUser | BlockNode] = [*users, *self.nodes.values()]
+        for owner in owners:
             links = owner.links if isinstance(owner, GraphUser) else owner.children.values()
             for link in links:
                 edges.append(
@@ -455,7 +600,7 @@ class BlockGraph:
 
 
 @contextlib.contextmanager
-def _within(tran: Transaction | None):
+def _within(tran: Transaction | None) -> Iterator[Transaction]:
     """The caller's transaction, or a new one that commits or aborts with this block."""
     if tran is not None:
         yield tran
@@ -473,7 +618,8 @@ def _set_node(node: BlockNode, perm: Perm, shared: Perm) -> None:
 
 
 def _parent_name(link: ChildLink) -> str:
-    return link.parent.name if link.is_root else link.parent.node_name
+    parent = link.parent
+    return parent.name if isinstance(parent, GraphUser) else parent.node_name
 
 
 def _topological(nodes: list[BlockNode]) -> list[BlockNode]:

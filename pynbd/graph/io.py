@@ -10,8 +10,9 @@ place between a caller and a driver. On every call the gate
   RESIZE: a format node growing its file) and, for requests that change data, that the link
   holds WRITE or WRITE_UNCHANGED;
 - applies the node's ``discard`` policy (``unmap`` off: discards dropped, zeroing never punches);
-- marks the node's dirty bitmaps for writes, zeroes and discards, *before* the driver runs, so a
-  failed request or a crash never leaves a change unrecorded;
+- marks the node's dirty bitmaps (named ones and the graph's internal ones) for writes, zeroes
+  and discards, *before* the driver runs, so a failed request or a crash never leaves a change
+  unrecorded;
 - records the request as in flight on the node (:class:`NodeRequests`), with its byte range, so
   that serialising writes (fleecing: a copy into an overlay that reads through to the disk being
   written) wait for overlapping requests and hold off new ones;
@@ -37,7 +38,7 @@ import contextlib
 import errno
 from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pynbd.errors import BlockError
 from pynbd.graph.perms import Perm
@@ -78,7 +79,7 @@ class ChangeSignal:
     __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -188,13 +189,17 @@ class RequestGate:
 
     node: BlockNode
     perm: Perm
-    parent: object
+    parent: BlockNode | GraphUser
     #: True for links of root users (exports, jobs): their requests wait while the node is drained
     queues: bool
 
     @property
     def size(self) -> int:
         return self.node.size
+
+    def describe(self) -> str:
+        """The link in words, for errors (ChildLink says which parent and child)."""
+        raise NotImplementedError
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -209,7 +214,7 @@ class RequestGate:
 
     def _check_writable(self) -> None:
         if not self.perm & WRITING:
-            raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")  # type: ignore[attr-defined]
+            raise BlockError(errno.EPERM, f"{self.describe()} holds no write permission")
 
     def _enter_now(self, node: BlockNode, start: int, end: int) -> int | None:
         """The common case without awaiting: nothing drained, no serialising request on the
@@ -267,7 +272,7 @@ class RequestGate:
         """A write that waits for overlapping requests and holds off new ones until it is done."""
         await self._write(offset, data, fua, True)
 
-    async def _write(self, offset: int, data, fua: bool, serialising: bool) -> None:
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool, serialising: bool) -> None:
         length = len(data)
         self._check_writable()
         node = self.node
@@ -276,7 +281,7 @@ class RequestGate:
             node, key = await self._enter(offset, offset + length, serialising)
         try:
             self._check_range(node, offset, length, grows=True)
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write(offset, data, fua)
         finally:
@@ -292,7 +297,7 @@ class RequestGate:
             node, key = await self._enter(offset, offset + length)
         try:
             self._check_range(node, offset, length, grows=True)
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.write_zeroes(offset, length, may_trim and node.unmap, fua, fast)
         finally:
@@ -310,9 +315,27 @@ class RequestGate:
             self._check_range(node, offset, length)
             if not node.unmap or not length:  # qemu's discard=ignore: dropped here, unmarked
                 return
-            if node.dirty_bitmaps:
+            if node.dirty_bitmaps or node.internal_bitmaps:
                 node.mark_dirty(offset, length)
             await node.discard(offset, length)
+        finally:
+            node.io.end(key)
+
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop the range's whole clusters from the node's own layer (reads fall through to its
+        backing chain again). A change to the node like a write, so it needs WRITE or
+        WRITE_UNCHANGED and marks dirty bitmaps; not a discard, so the discard policy does not
+        apply (the data stays readable through the chain)."""
+        self._check_writable()
+        node = self.node
+        key = self._enter_now(node, offset, offset + length)
+        if key is None:
+            node, key = await self._enter(offset, offset + length)
+        try:
+            self._check_range(node, offset, length)
+            if node.dirty_bitmaps or node.internal_bitmaps:
+                node.mark_dirty(offset, length)
+            await node.unallocate(offset, length)
         finally:
             node.io.end(key)
 
@@ -423,7 +446,8 @@ def drain_set(nodes: Iterable[BlockNode]) -> list[BlockNode]:
             continue
         seen[id(node)] = node
         tops.append(node)
-        upward.extend(link.parent for link in node.parents if not link.is_root)  # type: ignore[misc]
+        # a link that is not a root user's has a node as its parent
+        upward.extend(cast("BlockNode", link.parent) for link in node.parents if not link.is_root)
     stack = list(tops)
     while stack:
         node = stack.pop()

@@ -36,7 +36,8 @@ def _setlk(fd: int, kind: int, byte: int) -> None:
 
 def _locked_by_other(fd: int, byte: int) -> bool:
     result = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(F_WRLCK, 0, byte, 1, 0))
-    return FLOCK.unpack(result)[0] != F_UNLCK
+    kind: int = FLOCK.unpack(result)[0]
+    return kind != F_UNLCK
 
 
 def apply(fd: int, perm: Perm, shared: Perm, strict: bool = True) -> None:

@@ -80,8 +80,8 @@ def default_child_perm(role: Role, perm: Perm, shared: Perm, writable: bool) -> 
         child_shared &= ~(Perm.WRITE | Perm.RESIZE)
     if role & Role.DATA:
         child_shared &= ~Perm.RESIZE
-        if child_perm & Perm.WRITE_UNCHANGED:
-            child_perm = (child_perm & ~Perm.WRITE_UNCHANGED) | Perm.WRITE
+        if child_perm & Perm.WRITE_UNCHANGED:  # qemu: a format may have to really write (copy-on-read)
+            child_perm |= Perm.WRITE
         if child_perm & Perm.WRITE:
             child_perm |= Perm.RESIZE
     return child_perm, child_shared

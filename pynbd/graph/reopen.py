@@ -9,6 +9,8 @@ passes through a state that allows what neither side allows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pynbd.graph.core import BlockGraph
 from pynbd.graph.io import drained
 from pynbd.graph.transaction import Transaction
@@ -23,11 +25,22 @@ def storage_chain(node: BlockNode) -> list[BlockNode]:
     return nodes
 
 
-async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> list[BlockNode]:
+async def set_read_only(
+    graph: BlockGraph, node: BlockNode, read_only: bool, inherits: Callable[[BlockNode], bool] | None = None
+) -> list[BlockNode]:
     """Reopen ``node`` and its storage read-only or read-write, drained; returns the nodes that
     changed. Read-write: the file first, then the format, then the permissions and locks, and
-    only then the format's first writes (start_writing). Read-only: the format first."""
-    changed = [n for n in storage_chain(node) if n.read_only != read_only]
+    only then the format's first writes (start_writing). Read-only: the format first.
+
+    ``inherits`` limits the storage that follows: as qemu's reopen queue, which takes along only
+    the children that inherit their options from the node (made with it, inline), the reopen
+    stops at the first storage node for which it is false (one added on its own, which merely
+    loses the permissions the node held on it)."""
+    chain = storage_chain(node)
+    if inherits is not None:
+        below = next((i for i, n in enumerate(chain[1:], 1) if not inherits(n)), len(chain))
+        chain = chain[:below]
+    changed = [n for n in chain if n.read_only != read_only]
     await _reopen(graph, changed, read_only)
     return changed
 

@@ -23,22 +23,45 @@ ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
 
 
 class CopyError(BlockError):
-    """A copy failed; ``operation`` says whether reading the source or writing the target."""
+    """A copy failed; ``operation`` says whether reading the source or writing the target, and
+    ``offset`` where the failing request started (qemu-img names it: "error while reading at
+    byte N"); ``reason`` is the cause's own words."""
 
-    def __init__(self, operation: str, cause: BaseException) -> None:
+    def __init__(self, operation: str, cause: BaseException, offset: int) -> None:
         err = getattr(cause, "errno", None) or errno.EIO
         super().__init__(err, f"{operation} error during copy: {cause}")
         self.operation = operation
+        self.offset = offset
+        plain_os_error = isinstance(cause, OSError) and cause.strerror
+        self.reason = cause.strerror if plain_os_error else str(cause)
 
 
 if TYPE_CHECKING:
     from pynbd.graph.core import ChildLink
 
-Staged = list[tuple[int, int, bytearray | None]]  # (offset, length, data or None for zeroes)
+Staged = list[tuple[int, int, bytearray | memoryview | None]]  # (offset, length, data or None for zeroes)
 
 
-async def read_chunk(source: ChildLink, offset: int, length: int) -> Staged:
-    """Read a range as the pieces to write: data buffers, and zero ranges as ``None``."""
+def split_zeroes(pos: int, buf: bytearray, block: int) -> Staged:
+    """Data read at ``pos`` as data pieces and zero pieces (``None``): every ``block``-aligned
+    block (aligned in the image, not in the buffer) that is all zeroes is a zero piece, as
+    qemu-img convert's ``-S`` treats it."""
+    staged: Staged = []
+    view, size = memoryview(buf), len(buf)
+    start = 0
+    while start < size:
+        end = min(size, (pos + start) // block * block + block - pos)
+        zero = buf.count(0, start, end) == end - start
+        if staged and (staged[-1][2] is None) == zero:  # the same kind as the piece before: one piece
+            start = staged.pop()[0] - pos
+        staged.append((pos + start, end - start, None if zero else view[start:end]))
+        start = end
+    return staged
+
+
+async def read_chunk(source: ChildLink, offset: int, length: int, zero_detect: int = 0) -> Staged:
+    """Read a range as the pieces to write: data buffers, and zero ranges as ``None``. With
+    ``zero_detect`` (a block size), blocks of data that are all zeroes become zero ranges too."""
     staged: Staged = []
     pos, end = offset, offset + length
     try:
@@ -49,16 +72,17 @@ async def read_chunk(source: ChildLink, offset: int, length: int) -> Staged:
             else:
                 buf = bytearray(piece)
                 await source.read_into(pos, memoryview(buf))
-                staged.append((pos, piece, buf))
+                staged.extend(split_zeroes(pos, buf, zero_detect) if zero_detect else [(pos, piece, buf)])
             pos += piece
     except (BlockError, OSError) as exc:
-        raise CopyError("read", exc) from exc
+        raise CopyError("read", exc, pos) from exc
     return staged
 
 
 async def write_chunk(
     target: ChildLink, staged: Staged, *, serialising: bool = False, target_is_zero: bool = False
 ) -> None:
+    pos = staged[0][0] if staged else 0
     try:
         for pos, piece, buf in staged:
             if buf is None:
@@ -69,7 +93,7 @@ async def write_chunk(
             else:
                 await target.write(pos, buf)
     except (BlockError, OSError) as exc:
-        raise CopyError("write", exc) from exc
+        raise CopyError("write", exc, pos) from exc
 
 
 async def copy_chunk(
@@ -115,6 +139,9 @@ class CopyEngine:
         self.chunk = chunk
         self.workers = workers
         self.yield_to_clients = yield_to_clients
+        #: errors the ``ignore`` policy let pass, in the order they came (a job may still fail
+        #: at its end because of them, as qemu's stream does)
+        self.ignored: list[CopyError] = []
 
     @staticmethod
     def chunks(ranges: Iterable[tuple[int, int]], chunk: int):
@@ -155,12 +182,12 @@ class CopyEngine:
                     await self.copy(offset, length)
                 return
             except CopyError as exc:
-                policy = self.on_source_error if exc.operation == "read" else self.on_target_error
-                if policy == "enospc":
-                    policy = "stop" if exc.errno == errno.ENOSPC else "report"
-                action = "report" if policy == "auto" else policy
+                action = self.on_source_error if exc.operation == "read" else self.on_target_error
+                if action in ("enospc", "auto"):  # as qemu's block_job_error_action: auto is enospc for jobs
+                    action = "stop" if exc.errno == errno.ENOSPC else "report"
                 job._emit("BLOCK_JOB_ERROR", {"device": job.id, "operation": exc.operation, "action": action})
                 if action == "ignore":
+                    self.ignored.append(exc)
                     return
                 if action == "report":
                     raise

@@ -13,7 +13,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from pynbd.graph.io import drained
@@ -113,6 +113,11 @@ class Job:
         self.concluded = asyncio.Event()
         self.frozen: list[ChildLink] = []  # links a block job holds frozen while it runs
 
+    @property
+    def holder(self) -> str:
+        """How the graph names this job as the holder of frozen links (in refusals)."""
+        return f"job '{self.id}'"
+
     # -- what subclasses provide -------------------------------------------------------------
 
     async def work(self) -> None:
@@ -139,8 +144,10 @@ class Job:
         the graph is left as the job found it as far as it can be; the first failure is raised."""
         frozen: list[ChildLink] = self.frozen
         self.frozen = []
-        steps = [lambda: graph.unfreeze_links(frozen), lambda: graph.detach_user(self.user)]
+        steps = [lambda: graph.unfreeze_links(frozen, self.holder), lambda: graph.detach_user(self.user)]
         if filt is not None:
+            if below is None:
+                raise ValueError("a filter to remove needs the node it goes back to")
             steps.append(lambda: graph.remove_filter(filt, below))
         failures: list[Exception] = []
         async with drained(drain, owner=self.user):
@@ -206,15 +213,19 @@ class Job:
             raise JobCancelled()
         if self._pause_count and self.status in (JobStatus.RUNNING, JobStatus.READY):
             self._transition(JobStatus.PAUSED if self.status is JobStatus.RUNNING else JobStatus.STANDBY)
-        if not self._resumed.is_set():
+        if self._resumed.is_set():
+            return
+        # A worker woken by a resume may run only after another worker has stopped the job again
+        # (an error under the ``stop`` policy): it waits again rather than mark the job running.
+        while not self._resumed.is_set():
             await self._resumed.wait()
             if self.cancelled:
                 raise JobCancelled()
-            # several workers may wake here; the first one moves the state back
-            if self.status is JobStatus.PAUSED:
-                self._transition(JobStatus.RUNNING)
-            elif self.status is JobStatus.STANDBY:
-                self._transition(JobStatus.READY)
+        # several workers may wake here; the first one moves the state back
+        if self.status is JobStatus.PAUSED:
+            self._transition(JobStatus.RUNNING)
+        elif self.status is JobStatus.STANDBY:
+            self._transition(JobStatus.READY)
 
     async def throttle(self, nbytes: int) -> None:
         """The speed limit: call before moving ``nbytes``; waits until the bytes already moved
@@ -264,6 +275,7 @@ class Job:
         self.check_verb("resume")
         if self._pause_count == 0:
             raise JobError(f"Can't resume a job that was not paused: '{self.id}'")
+        self.io_status = "ok"  # as qemu's block_job_user_resume: a user resume clears the error
         self._pause_count -= 1
         if self._pause_count == 0:
             self._resumed.set()
@@ -334,6 +346,8 @@ class Job:
         # the graph changes of the end run as a QMP command does: never interleaved with one
         async with self.manager.graph_lock if self.manager is not None else contextlib.nullcontext():
             await self._settle(failed)
+            if self.manager is not None and self.manager.after_graph_change is not None:
+                await self.manager.after_graph_change()
         self._conclude()
 
     async def _settle(self, failed: bool) -> None:
@@ -428,12 +442,20 @@ class Job:
 class JobManager:
     """All jobs of a daemon by id; forwards their events to the QMP layer."""
 
-    def __init__(self, emit: EventSink | None = None, graph_lock: asyncio.Lock | None = None) -> None:
+    def __init__(
+        self,
+        emit: EventSink | None = None,
+        graph_lock: asyncio.Lock | None = None,
+        after_graph_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.jobs: dict[str, Job] = {}
         self._emit = emit
         #: the daemon's command lock: a job's end (pivot, filter removal) never interleaves with
         #: a QMP command's graph changes
         self.graph_lock = graph_lock or asyncio.Lock()
+        #: run under that lock once a job's end has changed the graph: the daemon closes the nodes
+        #: the job left without a user (a node a pivot replaced, layers a commit dropped)
+        self.after_graph_change = after_graph_change
 
     def emit(self, event: str, data: dict) -> None:
         if self._emit is not None:

@@ -11,18 +11,25 @@ links the same way.
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from pynbd.bitmap import NodeBitmap
+from pynbd.bitmap import DirtyBitmap, NodeBitmap
 from pynbd.errors import BlockError, NotFast
 from pynbd.graph.io import HOLE_ZERO, NodeRequests, merge_extents
 from pynbd.graph.perms import Perm, Role, default_child_perm
 from pynbd.protocol.constants import State
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from pynbd.graph.core import ChildLink
+
+    #: where a format driver reads and writes its metadata: its ``file`` link (the bare node only
+    #: while the image is being opened, before the link exists)
+    Storage: TypeAlias = "BlockNode | ChildLink"
     from pynbd.graph.transaction import Transaction
 
 Extent = tuple[int, int]  # (length, base:allocation state bits)
@@ -41,13 +48,17 @@ class BlockNode(ABC):
     #: blockdev's force-share (qemu-img -U): every parent's link shares everything on this node,
     #: so its image is opened even while another process writes it. Only for read-only nodes.
     force_share: bool = False
-    #: Whether :meth:`sendfile_source` can ever return something (lets the server skip asking).
-    can_sendfile: bool = False
     #: The unit in which the node allocates (a qcow2 cluster); 0 for nodes without one.
     cluster_size: int = 0
     #: The id of the job whose filter this node is (it inserts and removes it): nobody else may
     #: freeze its links, so the job can always take it out again.
     owner_job: str | None = None
+    #: qemu's ``is_filter``: the node shows exactly the data of one child (:meth:`filter_child`).
+    #: A mirror may replace a node it reaches from its source through filters only, and a node is
+    #: never mirrored into itself through filters. (A raw node is not one, as in qemu.)
+    is_filter: bool = False
+    #: The node can have a ``backing`` child (a qcow2 overlay): blockdev-snapshot needs one.
+    supports_backing: bool = False
 
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name
@@ -58,12 +69,25 @@ class BlockNode(ABC):
         self.perm = Perm(0)
         self.shared = Perm.all()
         self.dirty_bitmaps: dict[str, NodeBitmap] = {}
+        #: Bitmaps of the graph's own (qemu's anonymous bitmaps): marked by the gate like
+        #: :attr:`dirty_bitmaps`, but nameless, never listed, stored or exported
+        self.internal_bitmaps: list[DirtyBitmap] = []
         self.io = NodeRequests()  # requests in flight and drains in force (pynbd/graph/io.py)
         self.unmap = True  # False: discards are dropped, zeroing never punches holes (discard=ignore)
 
     def mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps.values():
             bitmap.mark(offset, length)
+        for internal in self.internal_bitmaps:
+            internal.set_range(offset, length)
+
+    def add_internal_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Have the gate mark ``bitmap`` for every write, zero and discard that reaches this node
+        from now on, whoever makes it: how a filter notices writes that bypass it."""
+        self.internal_bitmaps.append(bitmap)
+
+    def remove_internal_bitmap(self, bitmap: DirtyBitmap) -> None:
+        self.internal_bitmaps = [b for b in self.internal_bitmaps if b is not bitmap]
 
     def child(self, name: str) -> ChildLink | None:
         """The link to child ``name`` (requests to the child go through it), if there is one."""
@@ -72,6 +96,11 @@ class BlockNode(ABC):
     def child_node(self, name: str) -> BlockNode | None:
         link = self.children.get(name)
         return link.node if link is not None else None
+
+    def filter_child(self) -> ChildLink | None:
+        """The child whose data this node shows unchanged, if it is a filter (qemu's
+        bdrv_filter_child)."""
+        return None
 
     def child_role(self, name: str) -> Role:
         """The role of this node's child called ``name``: image storage for ``file``, COW for
@@ -128,6 +157,24 @@ class BlockNode(ABC):
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """base:allocation extents covering exactly ``[offset, offset+length)``, merged."""
 
+    @property
+    def can_sendfile(self) -> bool:
+        """Whether :meth:`sendfile_source` can ever return something (lets the server skip asking)."""
+        return False
+
+    @property
+    def can_unallocate(self) -> bool:
+        """Whether :meth:`unallocate` works: the node has layers of its own over a backing chain
+        (qcow2) and can drop clusters so that reads fall through to the backing again."""
+        return False
+
+    async def unallocate(self, offset: int, length: int) -> None:
+        """Drop the whole clusters inside the range from this layer, so that reads there fall
+        through to the backing chain again (not zeroes, as a discard would make them). Only for
+        data the backing chain holds too: a commit that copied it into the base, a copy-on-read
+        copy-up. Nodes without layers of their own cannot (see :attr:`can_unallocate`)."""
+        raise BlockError(errno.ENOTSUP, f"{self.describe()} cannot give clusters back to its backing chain")
+
     async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
         """qemu:allocation-depth extents: 0 unallocated anywhere, 1 this node, 2 its backing, ...
 
@@ -173,9 +220,13 @@ class FilterNode(BlockNode):
     The child is a node of its own, so closing a filter closes nothing below it."""
 
     child_name = "file"
+    is_filter = True
 
     def child_role(self, name: str) -> Role:
         return Role.filtered() if name == self.child_name else Role.DATA
+
+    def filter_child(self) -> ChildLink | None:
+        return self.children.get(self.child_name) if self.is_filter else None
 
     @property
     def filtered(self) -> ChildLink:

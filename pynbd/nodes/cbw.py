@@ -44,8 +44,10 @@ class CopyBeforeWriteNode(FilterNode):
         self.on_cbw_error = on_cbw_error
         self._access_seed = access
         self.cluster_size = MIN_CLUSTER
-        self.done: DirtyBitmap | None = None
-        self.access: DirtyBitmap | None = None
+        #: set by :meth:`activate` (the fleecing point); until then nothing is copied or readable
+        self.active = False
+        self.done = DirtyBitmap(0, MIN_CLUSTER)
+        self.access = DirtyBitmap(0, MIN_CLUSTER)
         self.snapshot_error: BlockError | None = None
         self._locks: dict[int, asyncio.Lock] = {}
         self._lock_users: dict[int, int] = {}
@@ -83,6 +85,7 @@ class CopyBeforeWriteNode(FilterNode):
             self.access.fill()
         else:
             self.access.merge(self._access_seed)
+        self.active = True
 
     # -- cluster locks --------------------------------------------------------------------------
 
@@ -140,7 +143,7 @@ class CopyBeforeWriteNode(FilterNode):
         return copied
 
     async def _before_write(self, offset: int, length: int) -> None:
-        if self.done is None or self.snapshot_error is not None:
+        if not self.active or self.snapshot_error is not None:
             return
         for index in self._clusters(offset, length):
             if self._needs_copy(index):
@@ -180,7 +183,7 @@ class CopyBeforeWriteNode(FilterNode):
     def _check_snapshot(self, offset: int, length: int) -> None:
         if self.snapshot_error is not None:
             raise self.snapshot_error
-        if self.access is None:
+        if not self.active:
             raise BlockError(errno.EIO, "copy-before-write filter is not active")
         for index in self._clusters(offset, length):
             if not self.access.bits[index]:
@@ -228,6 +231,8 @@ class SnapshotAccessNode(FilterNode):
     """``snapshot-access``: the point-in-time view of a copy-before-write filter, read-only."""
 
     driver = "snapshot-access"
+    #: it shows the point-in-time view, not its child's current data (qemu: not a filter either)
+    is_filter = False
 
     def child_perm(self, link, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         return Perm(0), ALL

@@ -102,7 +102,10 @@ class ImageLocked(BlockError):
 
 class FileNode(BlockNode):
     driver = "file"
-    can_sendfile = True
+
+    @property
+    def can_sendfile(self) -> bool:
+        return True
 
     def __init__(self, filename: str, read_only: bool = False, node_name: str = "", locking: bool = True) -> None:
         super().__init__(node_name)
@@ -237,7 +240,8 @@ class FileNode(BlockNode):
         try:
             locks.transition(self.fd, old, (perm, shared))
         except locks.LockConflict as exc:
-            raise ImageLocked(exc.strerror, f"Is another process using the image [{self.filename}]?") from None
+            hint = f"Is another process using the image [{self.filename}]?"
+            raise ImageLocked(exc.strerror or "Failed to lock byte", hint) from None
         except OSError as exc:
             raise BlockError(exc.errno or errno.EAGAIN, f"{self.filename}: {exc.strerror or exc}") from None
         self._locked = (perm, shared)

@@ -54,7 +54,7 @@ class RawNode(BlockNode):
             raise BlockError(22, f"offset {self.offset} + size {self.size} is past the end of the file")
 
     @property
-    def can_sendfile(self) -> bool:  # type: ignore[override]
+    def can_sendfile(self) -> bool:
         return self.file.node.can_sendfile
 
     def sendfile_source(self, offset: int, length: int) -> tuple[int, int] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -167,14 +167,15 @@ class ServerNegotiation:
             return self._starttls(payload)
         if self.tls_mode is TLSMode.REQUIRED and not self.tls_active:
             return self._error(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
-        handler = {
+        handlers: dict[int, Callable[[int, bytes], Outcome]] = {
             Opt.LIST: self._list,
             Opt.INFO: self._info_or_go,
             Opt.GO: self._info_or_go,
             Opt.STRUCTURED_REPLY: self._structured_reply,
             Opt.LIST_META_CONTEXT: self._meta_context,
             Opt.SET_META_CONTEXT: self._meta_context,
-        }.get(option)  # type: ignore[call-overload]
+        }
+        handler = handlers.get(option)
         if handler is None:
             return self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
         return handler(option, payload)

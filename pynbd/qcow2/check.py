@@ -38,12 +38,11 @@ from pynbd.qcow2.layout import (
     table_from_bytes,
     table_to_bytes,
 )
-from pynbd.qcow2.node import Qcow2Node, read_header
+from pynbd.qcow2.node import Qcow2Node, read_header, read_snapshot_table
 from pynbd.qcow2.refcount import Refcounts, encode_block, new_block
 
 REPAIR_LEAKS = "leaks"
 REPAIR_ALL = "all"
-_SNAPSHOT = struct.Struct(">QIHHIIQII")
 
 
 @dataclass
@@ -162,7 +161,16 @@ class _Walk:
         self.result.corruptions += 1
 
     def ref_bytes(self, offset: int, length: int) -> None:
+        """Count a reference to the clusters of a byte range. A range that ends a cluster or more
+        past the end of the file is a corruption, not counted (qemu's rule and words: the last
+        cluster may be only partly in the file); so the counts stay within the file's size."""
         if length <= 0:
+            return
+        if offset + length - self.file.size >= self.cs:
+            self.error(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                f"offset {offset:#x} size {length:#x}"
+            )
             return
         first = offset // self.cs
         last = (offset + length - 1) // self.cs
@@ -199,7 +207,7 @@ class _Walk:
             l2_offset = entry & OFFSET_MASK
             if not l2_offset:
                 continue
-            self.counter.add(l2_offset // self.cs)
+            self.ref_bytes(l2_offset - l2_offset % self.cs, self.cs)
             if l2_offset % self.cs:
                 self.error(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
                 continue
@@ -235,7 +243,7 @@ class _Walk:
                 if next_contiguous[0] and host != next_contiguous[0]:
                     result.fragmented_clusters += 1
                 next_contiguous[0] = host + self.cs
-            self.counter.add(host // self.cs)
+            self.ref_bytes(host - host % self.cs, self.cs)
             if host % self.cs:
                 self.error(f"ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted.")
 
@@ -259,23 +267,25 @@ class _Walk:
         h = self.header
         if not h.nb_snapshots:
             return
-        pos = h.snapshots_offset
-        for _ in range(h.nb_snapshots):
-            fixed = await self.read(pos, _SNAPSHOT.size)
-            l1_offset, l1_size, id_size, name_size, _s, _ns, _vm, _vmsize, extra = _SNAPSHOT.unpack(fixed)
-            await self.l1_table(l1_offset, l1_size, active=False)
-            pos += _SNAPSHOT.size + extra + id_size + name_size
-            pos += -pos % 8
-        self.ref_bytes(h.snapshots_offset, pos - h.snapshots_offset)
+        end = h.snapshots_offset
+        for snapshot in await read_snapshot_table(self.file, h):  # validated: sizes within limits
+            await self.l1_table(snapshot.l1_table_offset, snapshot.l1_size, active=False)
+            end = snapshot.offset + snapshot.length
+        self.ref_bytes(h.snapshots_offset, end - h.snapshots_offset)
 
     async def bitmaps(self) -> None:
         ext = self.header.extension(EXT_BITMAPS)
         if ext is None:
             return
-        try:
-            directory = bm.Extension.decode(ext.data)
+        try:  # everything the directory says is checked before its tables are read
+            directory = bm.Extension.decode(ext.data, self.cs)
+            directory.check_in_file(self.file.size)
             raw = await self.read(directory.directory_offset, directory.directory_size)
             entries = bm.decode_directory(raw, directory.nb_bitmaps)
+            for entry in entries:
+                if not entry.table_offset or entry.table_offset % self.cs:
+                    raise FormatError(f"bitmap '{entry.name}' table is not cluster aligned")
+            bm.check_directory(entries, self.header.size, self.cs, self.file.size)
         except FormatError as exc:
             self.error(f"ERROR bitmaps extension: {exc}")
             return
@@ -283,13 +293,10 @@ class _Walk:
         for entry in entries:
             if entry.in_use:
                 self.result.in_use_bitmaps.append(entry.name)
-            if not entry.table_offset or entry.table_offset % self.cs:
-                self.error(f"ERROR bitmap '{entry.name}' table is not cluster aligned")
-                continue
             self.ref_bytes(entry.table_offset, entry.table_size * 8)
             table = table_from_bytes(await self.read(entry.table_offset, entry.table_size * 8))
             for cluster in bm.table_clusters(table, self.cs):
-                self.counter.add(cluster)
+                self.ref_bytes(cluster * self.cs, self.cs)
 
 
 async def _stored_counts(file: FileNode, header: Header, clusters: int) -> tuple[Refcounts, list[int]]:
@@ -311,7 +318,7 @@ async def _check_pass(
     fixed = False
     try:
         header = await read_header(file)
-        check_openable(header)
+        check_openable(header, file.size)
         walk = _Walk(file, header, result)
         await walk.run()
         result.total_clusters = (header.size + walk.cs - 1) // walk.cs

@@ -20,8 +20,12 @@ from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.base import BlockError
+
+if TYPE_CHECKING:
+    from pynbd.nodes.base import Storage
 from pynbd.qcow2.layout import table_from_bytes, table_to_bytes
 
 DEFAULT_CACHE_BYTES = 8 << 20
@@ -38,7 +42,7 @@ def cached_tables(cache_bytes: int | None, cluster_size: int) -> int:
 class L2Cache:
     def __init__(
         self,
-        file: BlockNode | Callable[[], BlockNode],
+        file: Storage | Callable[[], Storage],
         cluster_size: int,
         writeback: Callable[[], Awaitable[None]],
         max_tables: int | None = None,
@@ -53,7 +57,7 @@ class L2Cache:
         self._pins: Counter[int] = Counter()
 
     @property
-    def file(self) -> BlockNode:
+    def file(self) -> Storage:
         return self._file()
 
     async def get(self, offset: int) -> array:

@@ -48,18 +48,26 @@ from pynbd.qcow2.layout import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_RESERVED,
+    MAX_L1_BYTES,
+    MAX_SNAPSHOT_EXTRA_DATA,
+    MAX_SNAPSHOTS_BYTES,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    SNAPSHOT_HEADER,
+    SNAPSHOT_HEADER_SIZE,
     FormatError,
     Header,
+    Snapshot,
     check_openable,
+    check_table_entries,
     compressed_location,
     decode_header,
     decompress,
     table_from_bytes,
     table_to_bytes,
+    validate_table,
 )
 from pynbd.qcow2.refcount import Refcounts, _runs
 
@@ -110,15 +118,66 @@ async def read_header(file: BlockNode) -> Header:
     probe = bytearray(min(size, 4096))
     await file.read_into(0, memoryview(probe))
     header = decode_header(probe)  # validates magic and cluster_bits
-    if header.cluster_size > len(probe):
+    if header.cluster_size > len(probe) and size > len(probe):
         first = bytearray(min(size, header.cluster_size))
         await file.read_into(0, memoryview(first))
         header = decode_header(first)
     return header
 
 
+async def read_snapshot_table(file: BlockNode, header: Header) -> list[Snapshot]:
+    """The internal snapshot table, with qemu's qcow2_read_snapshots limits (at most 1 KiB of
+    extra data an entry, 64 MiB in all) and pynbd's own: the table and each snapshot's L1 table
+    lie in the file, and the L1 tables are no larger than the active one may be. The table is
+    read in chunks as it is parsed, so memory stays bounded by what it really holds."""
+    snapshots: list[Snapshot] = []
+    if not header.nb_snapshots:
+        return snapshots
+    cs, file_size = header.cluster_size, file.size
+    window, window_start = b"", header.snapshots_offset
+
+    async def take(offset: int, length: int) -> bytes:
+        nonlocal window, window_start
+        if offset + length > file_size:
+            raise FormatError(f"Snapshot table lies past the end of the file (entry at {offset:#x})")
+        if not window_start <= offset or offset + length > window_start + len(window):
+            chunk = bytearray(min(max(length, 1 << 16), file_size - offset))
+            await file.read_into(offset, memoryview(chunk))
+            window, window_start = bytes(chunk), offset
+        return window[offset - window_start : offset - window_start + length]
+
+    pos = header.snapshots_offset
+    table_length = 0
+    for i in range(header.nb_snapshots):
+        pos += -pos % 8
+        table_length += -table_length % 8
+        fixed = await take(pos, SNAPSHOT_HEADER_SIZE)
+        l1_offset, l1_size, id_size, name_size, *_times, extra_size = SNAPSHOT_HEADER.unpack(fixed)
+        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
+            raise FormatError(f"Too much extra metadata in snapshot table entry {i}", errno.EFBIG)
+        length = SNAPSHOT_HEADER_SIZE + extra_size + id_size + name_size
+        table_length += length
+        if table_length > MAX_SNAPSHOTS_BYTES:
+            raise FormatError("Snapshot table is too big", errno.EFBIG)
+        names = await take(pos + SNAPSHOT_HEADER_SIZE + extra_size, id_size + name_size)
+        validate_table(l1_offset, l1_size, 8, MAX_L1_BYTES, "Snapshot L1 table", cs, file_size)
+        snapshots.append(
+            Snapshot(
+                pos,
+                length,
+                l1_offset,
+                l1_size,
+                names[:id_size].decode(errors="replace"),
+                names[id_size:].decode(errors="replace"),
+            )
+        )
+        pos += length
+    return snapshots
+
+
 class Qcow2Node(BlockNode):
     driver = "qcow2"
+    supports_backing = True
 
     def __init__(
         self,
@@ -210,7 +269,8 @@ class Qcow2Node(BlockNode):
         until the node holds its permissions and locks on the file: ``defer_activation`` leaves it
         to :meth:`start_writing`, which the caller runs after attaching the file."""
         header = header or await read_header(file)
-        check_openable(header)
+        check_openable(header, file.size)
+        await read_snapshot_table(file, header)  # refuses what qemu refuses, and tables outside the file
         if header.extended_l2 and not read_only:
             raise FormatError(
                 "writing qcow2 images with extended L2 entries (subclusters) is not supported; open it read-only"
@@ -230,6 +290,7 @@ class Qcow2Node(BlockNode):
         l1 = table_from_bytes(l1_bytes)
         refcounts = await Refcounts.load(file, header, refcount_cache_size)  # re-pointed at node.file below
         refcounts.fresh_from = (file.size + header.cluster_size - 1) // header.cluster_size
+        check_table_entries(header, l1, refcounts.table, file.size, writable=not read_only)
         node = cls(
             file,
             header,
@@ -253,13 +314,13 @@ class Qcow2Node(BlockNode):
         if self.header.version < 3:
             log.warning("%s: ignoring a bitmaps extension in a qcow2 v2 image", self.filename)
             return
-        directory = bm.Extension.decode(ext.data)
-        if directory.directory_offset % self.cluster_size:
-            raise FormatError("bitmap directory offset is not cluster aligned")
+        directory = bm.Extension.decode(ext.data, self.cluster_size)
+        file_size = self.file_node.size
+        directory.check_in_file(file_size)
         raw = bytearray(directory.directory_size)
         await self.file.read_into(directory.directory_offset, memoryview(raw))
         entries = bm.decode_directory(raw, directory.nb_bitmaps)
-        bm.check_directory(entries, self.size, self.cluster_size)
+        bm.check_directory(entries, self.size, self.cluster_size, file_size)
         consistent = bool(self.header.autoclear_features & AUTOCLEAR_BITMAPS)
         if not consistent:
             log.warning(
@@ -426,6 +487,7 @@ class Qcow2Node(BlockNode):
             for guest, length, kind, host in plan:
                 dst = buf[guest - offset : guest - offset + length]
                 if kind == NORMAL:
+                    self._check_in_file(host, length)
                     await self.file.read_into(host, dst)
                 elif kind == COMPRESSED:
                     data = await self._decompressed(host)
@@ -457,11 +519,21 @@ class Qcow2Node(BlockNode):
         if inside < len(dst):
             fill_zero(dst[inside:])
 
+    def _check_in_file(self, host: int, length: int) -> None:
+        """EIO for data an L2 entry places past the end of the file (a cluster neither in the file
+        when it was opened nor allocated since). qemu reads such a cluster as zeroes and its check
+        calls it a corruption; pynbd fails the request rather than return zeroes for the data."""
+        if (host + max(length, 1) - 1) >> self.cluster_bits >= self.refcounts.fresh_from:
+            raise BlockError(
+                errno.EIO, f"qcow2: {self.describe()}: data at {host:#x} lies past the end of the file (corrupt L2)"
+            )
+
     async def _decompressed(self, entry: int) -> bytes:
         cached = self._compressed_cache
         if cached is not None and cached[0] == entry:
             return cached[1]
         offset, length = compressed_location(entry, self.cluster_bits)
+        self._check_in_file(offset, 1)
         raw = bytearray(length)
         await self.file.read_into(offset, memoryview(raw))
         try:
@@ -478,6 +550,7 @@ class Qcow2Node(BlockNode):
             return await self._decompressed(entry)
         buf = bytearray(self.cluster_size)
         if kind == NORMAL:
+            self._check_in_file(entry & OFFSET_MASK, self.cluster_size)
             await self.file.read_into(entry & OFFSET_MASK, memoryview(buf))
         elif kind == UNALLOCATED:
             await self._read_backing(cluster << self.cluster_bits, memoryview(buf))
@@ -550,6 +623,7 @@ class Qcow2Node(BlockNode):
                             j += 1
                         run_end = min(table_end, (base + j) << bits)
                         start_host = host + (pos - ((base + i) << bits))
+                        self._check_in_file(start_host, run_end - pos)
                         if in_place is None:
                             await self.file.write(start_host, view[pos - offset : run_end - offset])
                         else:
@@ -560,7 +634,7 @@ class Qcow2Node(BlockNode):
                             j += 1
                         run_end = min(table_end, (base + j) << bits)
                         await self._write_new_clusters(
-                            table, base + i, j - i, pos, run_end, view[pos - offset :], in_place
+                            table, base + i, j - i, pos, run_end, view[pos - offset :]
                         )
                         self.l2cache.mark_dirty(l2_offset)
                     pos = run_end
@@ -573,14 +647,9 @@ class Qcow2Node(BlockNode):
         pos: int,
         end: int,
         data: memoryview,
-        in_place: list[tuple[int, memoryview]] | None = None,
     ) -> None:
         """Copy-on-write ``count`` clusters from guest cluster ``first``: new clusters get the old
-        content around the written part, then the L2 entries switch and the old clusters are freed.
-
-        A write that carries only the caller's bytes (whole clusters, or fresh clusters) may be left
-        to run outside the lock (``in_place``); one that also writes old content around them may
-        not, or it could overwrite a concurrent write to another part of the same cluster."""
+        content around the written part, then the L2 entries switch and the old clusters are freed."""
         bits, cs = self.cluster_bits, self.cluster_size
         base = first - first % self.l2_entries
         start, stop = first << bits, (first + count) << bits
@@ -601,10 +670,14 @@ class Qcow2Node(BlockNode):
                 buf[(count - 1) * cs :] = await self._cluster_content(last, table[last - base])
             buf[pos - start : end - start] = data[: end - pos]
             payload = buf
-        if in_place is not None and isinstance(payload, memoryview):
-            in_place.append((write_at, payload))
-        else:
+        # The data goes into the new clusters before any L2 entry points at them, as in qemu: a
+        # write that fails then leaves the range reading as before, and no reader can see a new
+        # cluster before its data is in it. (Only overwrites of owned clusters run outside the lock.)
+        try:
             await self.file.write(write_at, payload)
+        except BaseException:
+            self.refcounts.free_later(host >> bits, count)  # nothing points at them: give them back
+            raise
         for k in range(count):
             index = first - base + k
             old = table[index]
@@ -710,11 +783,20 @@ class Qcow2Node(BlockNode):
         """As qemu: discarded clusters read as zeroes (v3), never as the backing file's data."""
         await self._discard(offset, length, full=False)
 
+    @property
+    def can_unallocate(self) -> bool:
+        """Plain L2 entries only: a subcluster image or one with internal snapshots (shared
+        clusters) is never written here (see :meth:`open`)."""
+        return not self.header.extended_l2 and not self.header.nb_snapshots
+
     async def unallocate(self, offset: int, length: int) -> None:
         """Drop whole clusters so that reads fall through to the backing file again (what a
-        copy-on-read filter releases: data it only ever copied up, which the backing still holds).
-        Bitmaps are marked all the same: cheaper than proving the backing has not changed since."""
-        self.mark_dirty(offset, length)
+        copy-on-read filter releases: data it only ever copied up, which the backing still holds;
+        what a hole-punching commit has copied into the base). The gate marks bitmaps, as for
+        a write: cheaper than proving the backing holds the same bytes."""
+        if not self.can_unallocate:
+            what = "subclusters" if self.header.extended_l2 else "internal snapshots"
+            raise BlockError(errno.ENOTSUP, f"{self.describe()}: cannot unallocate clusters in an image with {what}")
         await self._discard(offset, length, full=True)
 
     async def _discard(self, offset: int, length: int, full: bool) -> None:
@@ -725,8 +807,8 @@ class Qcow2Node(BlockNode):
             while pos < end:
                 l1_index = (pos >> bits) // self.l2_entries
                 table_end = min(end, (l1_index + 1) * self.l2_span)
-                if not self._l2_offset(l1_index) and self.backing is None:
-                    pos = table_end  # nothing there, and nothing below to hide
+                if not self._l2_offset(l1_index) and (full or self.backing is None):
+                    pos = table_end  # nothing there (to unallocate, or to hide a backing file with)
                     continue
                 l2_offset, table = await self._l2_for_write(l1_index)
                 base = l1_index * self.l2_entries

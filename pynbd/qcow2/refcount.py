@@ -23,8 +23,12 @@ import struct
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from pynbd.nodes.base import BlockError, BlockNode
+from pynbd.nodes.base import BlockError
+
+if TYPE_CHECKING:
+    from pynbd.nodes.base import Storage
 from pynbd.qcow2.layout import OFFSET_MASK, REFT_RESERVED, Header, table_from_bytes, table_to_bytes
 
 _TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
@@ -69,7 +73,7 @@ class Refcounts:
     """Refcounts of one image, with a write-back cache of refcount blocks."""
 
     def __init__(
-        self, file: BlockNode | Callable[[], BlockNode], header: Header, table: array, max_cached_blocks: int = 0
+        self, file: Storage | Callable[[], Storage], header: Header, table: array, max_cached_blocks: int = 0
     ) -> None:
         #: the node's current ``file`` child (a callable, so that a graph may re-point the link)
         self._file = file if callable(file) else (lambda: file)
@@ -97,12 +101,12 @@ class Refcounts:
         self.moving_to: tuple[int, int] | None = None
 
     @property
-    def file(self) -> BlockNode:
+    def file(self) -> Storage:
         return self._file()
 
     @classmethod
     async def load(
-        cls, file: BlockNode | Callable[[], BlockNode], header: Header, cache_bytes: int | None = None
+        cls, file: Storage | Callable[[], Storage], header: Header, cache_bytes: int | None = None
     ) -> Refcounts:
         node = file() if callable(file) else file
         size = header.refcount_table_clusters * header.cluster_size
@@ -333,7 +337,15 @@ class Refcounts:
             freed.extend(await self._add(start, count, -1))
         if freed:
             self.free_hint = min(self.free_hint, min(start for start, _ in freed))
-        return freed
+        # clusters are queued one L2 entry at a time: joined into runs, a commit that gives a
+        # whole image back punches its file a few times, not once per cluster
+        runs: list[tuple[int, int]] = []
+        for start, count in sorted(freed):
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((start, count))
+        return runs
 
     # -- write-back ------------------------------------------------------------------------------
 

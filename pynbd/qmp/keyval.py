@@ -46,6 +46,8 @@ def parse(text: str, implied_key: str | None = None) -> dict[str, Any]:
         else:
             key, value = item.split("=", 1)
         parts = key.split(".")
+        if not all(parts):
+            raise KeyvalError(f"Invalid parameter '{key}'")  # qemu's words for '', 'a.' or 'a..b'
         target = result
         for part in parts[:-1]:
             nested = target.setdefault(part, {})
@@ -63,7 +65,9 @@ def parse_option(text: str, implied_key: str | None = None) -> tuple[dict[str, A
     if text.lstrip().startswith("{"):
         try:
             value = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise KeyvalError("invalid JSON: nesting too deep") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
             raise KeyvalError(f"invalid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise KeyvalError("expected a JSON object")

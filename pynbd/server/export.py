@@ -10,8 +10,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from pynbd.bitmap import DirtyBitmap
-from pynbd.nodes.base import BlockNode, Extent
+from pynbd.bitmap import NodeBitmap
+from pynbd.nodes.base import BlockNode, Extent, merge_extents
 from pynbd.protocol.constants import ALLOCATION_DEPTH, BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, MAX_PAYLOAD, STATE_DIRTY
 from pynbd.protocol.negotiation import default_transmission_flags
 
@@ -83,11 +83,18 @@ class Export:
         """Offer ``qemu:allocation-depth`` (qemu-nbd -A)."""
         self.contexts[ALLOCATION_DEPTH] = self._allocation_depth
 
-    def add_bitmap(self, name: str, bitmap: DirtyBitmap) -> None:
-        """Offer ``qemu:dirty-bitmap:NAME`` (qemu-nbd -B NAME): 1 for dirty clusters, 0 for clean."""
+    def add_bitmap(self, name: str, bitmap: NodeBitmap) -> None:
+        """Offer ``qemu:dirty-bitmap:NAME`` (qemu-nbd -B NAME): 1 for dirty clusters, 0 for clean.
+
+        The bitmap may cover less than the export (one found on a smaller backing node): past its
+        end the export is clean, as qemu reports it, never a reply without extents."""
 
         async def extents(offset: int, length: int) -> list[Extent]:
-            return [(run, STATE_DIRTY if dirty else 0) for run, dirty in bitmap.extents(offset, length)]
+            runs: list[Extent] = [(run, STATE_DIRTY if dirty else 0) for run, dirty in bitmap.extents(offset, length)]
+            covered = max(0, min(offset + length, bitmap.size) - offset)
+            if covered < length:
+                runs.append((length - covered, 0))
+            return merge_extents(runs)
 
         self.contexts[DIRTY_BITMAP_PREFIX + name] = extents
 
