@@ -6,8 +6,8 @@ one :class:`BufferPool` for all its connections and bounds two things separately
 
 - the bytes of buffers in use (payloads received and not yet written, read data not yet sent):
   a :class:`ByteBudget` that a connection waits on (backpressure) before it takes a buffer;
-- the bytes of free buffers kept for reuse: the pool's ``cache_limit``; the pool is emptied when
-  the last client leaves, so memory goes back to the system once the server is idle.
+- the bytes of free buffers kept for reuse: the pool's ``cache_limit``; the server empties the pool
+  once it has had no client for a moment, so memory goes back to the system when it is idle.
 
 Buffers come in size classes (four per power of two, so at most a quarter is wasted) rather than
 exact sizes, so a client that varies its request sizes still reuses buffers. Classes from 64 KiB
@@ -55,9 +55,7 @@ class BufferPool:
         free = self._free.get(capacity)
         if free:
             self.cached -= capacity
-            buf = free.pop()
-            if not free:
-                del self._free[capacity]  # only classes with free buffers are listed
+            buf = free.pop()  # an emptied class keeps its (empty) list: the next put needs no new one
         else:
             buf = _allocate(capacity)
         return memoryview(buf)[:size]
@@ -68,15 +66,26 @@ class BufferPool:
         capacity = len(buf)  # type: ignore[arg-type]  # get() only gives out views of our buffers
         if capacity > self.cache_limit:
             return
-        while self.cached + capacity > self.cache_limit:  # make room: forget the stalest class first
-            stale_capacity, stale = next(iter(self._free.items()))
-            stale.pop()
-            self.cached -= stale_capacity
+        if self.cached + capacity > self.cache_limit:
+            self._make_room(capacity)
+        free = self._free.get(capacity)
+        if free is None:
+            free = self._free[capacity] = []
+        else:
+            self._free.move_to_end(capacity)
+        free.append(buf)  # type: ignore[arg-type]
+        self.cached += capacity
+
+    def _make_room(self, capacity: int) -> None:
+        """Forget free buffers, stalest class first, until ``capacity`` more bytes fit."""
+        for stale_capacity, stale in list(self._free.items()):
+            while stale and self.cached + capacity > self.cache_limit:
+                stale.pop()
+                self.cached -= stale_capacity
             if not stale:
                 del self._free[stale_capacity]
-        self._free.setdefault(capacity, []).append(buf)  # type: ignore[arg-type]
-        self._free.move_to_end(capacity)
-        self.cached += capacity
+            if self.cached + capacity <= self.cache_limit:
+                return
 
     def clear(self) -> None:
         """Forget every free buffer (their memory goes back to the system)."""
@@ -96,19 +105,15 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.peak = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
-
-    def _fits(self, size: int) -> bool:
-        return self.used + size <= self.limit or self.used == 0
 
     def try_take(self, size: int) -> bool:
         """Take ``size`` bytes if that needs no wait (the hot path: no task switch, no future)."""
-        if self._waiters or not self._fits(size):
-            return False
-        self.used += size
-        self.peak = max(self.peak, self.used)
-        return True
+        used = self.used
+        if (used + size <= self.limit or not used) and not self._waiters:
+            self.used = used + size
+            return True
+        return False
 
     async def take(self, size: int) -> None:
         if self.try_take(size):
@@ -127,14 +132,14 @@ class ByteBudget:
 
     def release(self, size: int) -> None:
         self.used -= size
-        self._grant()
+        if self._waiters:
+            self._grant()
 
     def _grant(self) -> None:
         while self._waiters:
             size, waiter = self._waiters[0]
-            if not self._fits(size):
+            if self.used + size > self.limit and self.used:
                 return
             self._waiters.popleft()
             self.used += size
-            self.peak = max(self.peak, self.used)
             waiter.set_result(None)

@@ -66,6 +66,7 @@ MAX_CONNECTION_BYTES = 64 * MiB  # READ/WRITE payload bytes one connection may h
 BUFFER_LIMIT = 128 * MiB  # payload buffers in use at once, all connections together
 BUFFER_CACHE = 32 * MiB  # free buffers kept for reuse while clients are connected (at most)
 REPLY_WINDOW = 8 * MiB  # read data one connection may hold in buffers, not yet sent
+IDLE_TRIM = 2.0  # seconds without clients after which the free buffers go back to the system
 LISTEN_BACKLOG = 4096  # SOMAXCONN, as qemu-nbd and nbdkit (the kernel caps it at net.core.somaxconn)
 
 # The hot path tests flags with plain ints: ``int & IntFlag`` goes through enum's Python-level
@@ -137,6 +138,7 @@ class NBDServer:
         self.buffers = BufferPool(cache_limit=min(BUFFER_CACHE, self.config.buffer_limit))
         #: bytes of pool buffers in use (payloads and read data), all connections together
         self.memory = ByteBudget(self.config.buffer_limit)
+        self._trim: asyncio.TimerHandle | None = None
 
     # -- listening ------------------------------------------------------------------------------
 
@@ -197,7 +199,16 @@ class NBDServer:
             self._slot_freed.set()
             self.client_gone.set()
             if not self.connections:
-                self.buffers.clear()  # idle: give the cached buffers back to the system
+                # idle: give the cached buffers back to the system, unless a client comes soon (a
+                # tool reconnecting would otherwise fault every buffer in again: first touch is slow)
+                if self._trim is not None:
+                    self._trim.cancel()
+                self._trim = asyncio.get_running_loop().call_later(IDLE_TRIM, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim = None
+        if not self.connections:
+            self.buffers.clear()
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -222,6 +233,9 @@ class NBDServer:
         """Stop accepting, let in-flight requests finish, then close every connection."""
         await self.stop_listening()
         await asyncio.gather(*(c.stop() for c in list(self.connections)), return_exceptions=True)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
 
     async def close_export(self, export: Export) -> None:
         """Disconnect the clients of one export (after in-flight requests finish)."""
@@ -417,7 +431,8 @@ class ServerConnection:
 
     async def _take_memory(self, size: int) -> None:
         """Take ``size`` bytes of the server's buffer budget, waiting (cancellably, should the
-        client go away meanwhile) while other connections hold it."""
+        client go away meanwhile) while other connections hold it. Callers try
+        ``memory.try_take`` first: most of the time it succeeds and no coroutine is made."""
         memory = self.server.memory
         if memory.try_take(size):
             return
@@ -440,7 +455,9 @@ class ServerConnection:
         if length > self.export.max_payload:
             await self.reader.skip(length)
             return RequestError(Errno.EINVAL, f"write of {length} bytes is over the 32 MiB limit")
-        await self._take_memory(size_class(length))
+        charge = size_class(length)
+        if not self.server.memory.try_take(charge):
+            await self._take_memory(charge)
         payload = self.server.buffers.get(length)
         try:
             await self.reader.readinto(payload)
@@ -484,7 +501,13 @@ class ServerConnection:
 
     async def _send(self, buffers) -> None:
         async with self._reply_lock:
-            await self._transmit(buffers)
+            if self._gone is not None:
+                raise ClientGone
+            try:
+                await self.channel.send(buffers)
+            except OSError as exc:
+                self._lost(exc)
+                raise ClientGone from None
 
     async def _transmit(self, buffers) -> None:
         """Send under the reply lock; a socket error means the client is gone (:class:`ClientGone`)."""
@@ -582,7 +605,8 @@ class ServerConnection:
         if not window.try_take(size):
             await window.take(size)
         try:
-            await self._take_memory(size)
+            if not self.server.memory.try_take(size):
+                await self._take_memory(size)
         except BaseException:
             window.release(size)
             raise
@@ -608,9 +632,23 @@ class ServerConnection:
         if length == 0:
             await self._send([encode_none_chunk(cookie)])
             return
-        if request.flags & _DF or length <= SMALL_READ:
+        if length <= SMALL_READ:
             # Small reads: one data chunk, no allocation lookup (two lseeks cost more than the
-            # zeroes they might save) and no sendfile (one sendmsg beats header + sendfile).
+            # zeroes they might save) and no sendfile (one sendmsg beats header + sendfile). At most
+            # 64 requests of 64 KiB per connection: no reply window needed, only the server's budget.
+            memory = self.server.memory
+            charge = size_class(length)
+            if not memory.try_take(charge):
+                await self._take_memory(charge)
+            buf = buffers.get(length)
+            try:
+                await node.read_into(offset, buf)
+                await self._send([encode_offset_data_header(cookie, offset, length, True), buf])
+            finally:
+                buffers.put(buf)
+                memory.release(charge)
+            return
+        if request.flags & _DF:
             extents = [(length, 0)]
         else:
             extents = await node.block_status(offset, length)
