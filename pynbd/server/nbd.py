@@ -501,13 +501,7 @@ class ServerConnection:
 
     async def _send(self, buffers) -> None:
         async with self._reply_lock:
-            if self._gone is not None:
-                raise ClientGone
-            try:
-                await self.channel.send(buffers)
-            except OSError as exc:
-                self._lost(exc)
-                raise ClientGone from None
+            await self._transmit(buffers)
 
     async def _transmit(self, buffers) -> None:
         """Send under the reply lock; a socket error means the client is gone (:class:`ClientGone`)."""
