@@ -174,7 +174,6 @@ class CopyJob(Job):
         else:
             self.filter = MirrorTopNode(name, granularity, active_commit=base is not None)
             self.filter.write_blocking = write_blocking
-        self.filter.implicit = filter_node_name is None  # type: ignore[attr-defined]
         self.filter.owner_job = job_id
         #: point-in-time: the clusters the job copies, which copy-before-write guards (its access)
         self.copy_set: DirtyBitmap | None = None

@@ -63,7 +63,6 @@ class StreamJob(Job):
             assert isinstance(above_base, BlockNode)  # a backing link's parent is a node
             self.bottom = above_base
         self.cor = CopyOnReadNode(filter_node_name or graph.auto_name(), bottom=self.bottom)
-        self.cor.implicit = filter_node_name is None  # type: ignore[attr-defined]
         self.cor.owner_job = job_id
         self.user = GraphUser(job_id, "block-job", f"stream job {job_id!r}")
         self.users = [self.user]
